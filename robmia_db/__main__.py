@@ -1,0 +1,3 @@
+from robmia_db.cli import main
+
+main()

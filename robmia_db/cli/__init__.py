@@ -1,0 +1,15 @@
+"""CLI layer: `robmia-db` commands. Imports the other layers lazily, inside each command."""
+
+from __future__ import annotations
+
+from robmia_db.cli.base import main
+from robmia_db.cli import core_cmd  # noqa: F401  (check, run, sql, models)
+
+for _module in ("attacks_cmd", "report_cmd", "data_cmd"):
+    try:
+        __import__(f"robmia_db.cli.{_module}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"robmia_db.cli.{_module}":
+            raise
+
+__all__ = ["main"]

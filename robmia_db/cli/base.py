@@ -1,0 +1,83 @@
+"""CLI layer: the click group, global options and the one place errors become `Error: ...` + exit 1.
+
+Command modules import only click and this module at import time; everything heavy (duckdb, torch,
+numpy) is imported inside each command, so `robmia-db --help` and `robmia-db sql` never load torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_DB = "robmia.duckdb"
+DB_ENV = "ROBMIA_DB"
+
+
+class CliState:
+    def __init__(self, debug: bool, db: str | None):
+        self.debug = debug
+        self._db = db
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self._db or os.environ.get(DB_ENV) or DEFAULT_DB)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Example: robmia-db run specs/quickstart.toml && robmia-db score && robmia-db report",
+)
+@click.option("--db", "db", metavar="PATH", help=f"Store file (default ./{DEFAULT_DB}, or ${DB_ENV}).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="robmia-db", prog_name="robmia-db")
+@click.pass_context
+def main(ctx: click.Context, db: str | None, debug: bool) -> None:
+    """robmia-db: a declarative experiment database for membership inference against robust models."""
+    ctx.obj = CliState(debug=debug, db=db)
+
+
+def db_option(func):
+    """Per-command `--db` so it works after the command name too (`robmia-db sql --db x.duckdb ...`)."""
+
+    @click.option("--db", "command_db", metavar="PATH", help="Store file (overrides the global --db).")
+    @functools.wraps(func)
+    def wrapper(*args, command_db: str | None = None, **kwargs):
+        state = click.get_current_context().find_object(CliState)
+        if command_db and state is not None:
+            state._db = command_db
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def get_state() -> CliState:
+    state = click.get_current_context().find_object(CliState)
+    return state if state is not None else CliState(debug=False, db=None)
+
+
+def handle_errors(func):
+    """Turn library errors into one line on stderr and exit 1; `--debug` shows the traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from robmia_db.errors import RobmiaError
+
+        try:
+            return func(*args, **kwargs)
+        except RobmiaError as exc:
+            if get_state().debug:
+                raise
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                click.echo(f"Error: {line}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            if get_state().debug:
+                raise
+            click.echo("Error: interrupted; finished models are stored, rerun to resume", err=True)
+            sys.exit(1)
+
+    return wrapper

@@ -1,0 +1,66 @@
+"""Typed errors shared by every layer; imports nothing of ours.
+
+The CLI turns any RobmiaError into one line `Error: ...` and exit code 1; `--debug` re-raises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RobmiaError(Exception):
+    """Base class of every error a user can cause (bad input, missing data, locked store)."""
+
+
+class SpecError(RobmiaError):
+    """One problem in one spec file, located by a dotted key (`training.eps`)."""
+
+    def __init__(self, path: str | Path | None, key: str | None, message: str):
+        self.path = str(path) if path is not None else None
+        self.key = key
+        self.message = message
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        parts = [p for p in (self.path, self.key) if p]
+        return ": ".join([*parts, self.message])
+
+
+class SpecErrors(RobmiaError):
+    """Every problem found across every given spec file, reported together before any work."""
+
+    def __init__(self, errors: list[SpecError]):
+        self.errors = errors
+        super().__init__("\n".join(e.format() for e in errors))
+
+
+class DatasetError(RobmiaError):
+    """A dataset is missing, malformed or unknown; the message says which files to put where."""
+
+
+class ModelDefinitionError(RobmiaError):
+    """An architecture or layer the runner or the bound engine cannot handle."""
+
+
+class AttackDefinitionError(RobmiaError):
+    """An attack file is malformed; the message names the file."""
+
+    def __init__(self, path: str | Path | None, message: str):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class MissingSignalError(RobmiaError):
+    """An attack needs a perturbation or signal the store does not hold."""
+
+
+class StoreError(RobmiaError):
+    """The store is unusable: wrong schema version, not a robmia-db file, bad query."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store (or its run lock); the message names the holder."""
+
+
+class ImportDataError(RobmiaError):
+    """External per-sample outputs failed validation; nothing was imported."""

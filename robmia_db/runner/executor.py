@@ -1,0 +1,462 @@
+"""Runner layer: validate every spec, then train what is missing and record signals, one model at a time.
+
+Order of work: all specs are validated and every job's dataset and architecture are checked before any
+training. The store is opened only for short transactions (reading state, writing a finished model), so
+`robmia-db sql`, `score` and `report` work on finished models while training goes on; a run lock keeps a
+second run out. A model is written in one transaction, so a kill leaves either all of it or none of it;
+training also keeps a partial checkpoint so a killed run resumes mid-training.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from robmia_db.datasets import LoadedDataset, load_dataset
+from robmia_db.errors import RobmiaError, SpecError, SpecErrors
+from robmia_db.runner.data import MembershipSplit, examples_table, split_membership
+from robmia_db.runner.defenses import TrainProgress, build_defense
+from robmia_db.runner.models import build_model, load_checkpoint, save_checkpoint
+from robmia_db.runner.signals import compute_signal_columns
+from robmia_db.spec import LoadedSpec, ModelJob, PerturbationJob, load_specs
+from robmia_db.store import ingest
+from robmia_db.store.connection import checkpoint_dir, run_lock, writing
+from robmia_db.store.signals import signal_table
+
+PARTIAL_SAVE_INTERVAL_S = 30.0
+
+
+class Reporter(Protocol):
+    def plan(self, jobs: list[ModelJob], actions: dict[str, str]) -> None: ...
+    def model_started(self, job: ModelJob, index: int, total: int, action: str) -> None: ...
+    def epoch_done(self, job: ModelJob, epoch: int, epochs: int, stats: dict[str, float]) -> None: ...
+    def perturbation_started(self, job: ModelJob, perturbation: PerturbationJob, index: int, total: int) -> None: ...
+    def model_finished(self, outcome: ModelOutcome) -> None: ...
+
+
+class SilentReporter:
+    def plan(self, jobs, actions): pass
+    def model_started(self, job, index, total, action): pass
+    def epoch_done(self, job, epoch, epochs, stats): pass
+    def perturbation_started(self, job, perturbation, index, total): pass
+    def model_finished(self, outcome): pass
+
+
+@dataclass
+class ModelOutcome:
+    job: ModelJob
+    action: str  # "train", "signals" (add perturbations), "skip", "failed"
+    seconds: float = 0.0
+    error: str | None = None
+    accuracies: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    db_path: Path
+    outcomes: list[ModelOutcome]
+
+    @property
+    def failed(self) -> list[ModelOutcome]:
+        return [o for o in self.outcomes if o.action == "failed"]
+
+
+def _git_provenance() -> tuple[str | None, bool | None]:
+    source = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return None, None
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        return commit.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("robmia-db", "torch", "numpy", "duckdb", "pyarrow", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RobmiaError("runtime.device = 'cuda' but no CUDA device is available")
+    return torch.device(requested)
+
+
+class DatasetCache:
+    """Each dataset is read once per run, whatever the number of models that use it."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, LoadedDataset] = {}
+
+    def get(self, job: ModelJob) -> LoadedDataset:
+        options = job.identity["dataset"].get("options") or {}
+        key = (job.dataset, job.data_root, tuple(sorted(options.items())))
+        if key not in self._cache:
+            self._cache[key] = load_dataset(job.dataset, job.data_root, **options)
+        return self._cache[key]
+
+
+def preflight(loaded: list[LoadedSpec], datasets: DatasetCache) -> None:
+    """Check what validation of the TOML alone cannot: data present, architectures build, bounds apply."""
+    errors: list[SpecError] = []
+    for item in loaded:
+        seen: set[tuple] = set()
+        for job in item.jobs:
+            try:
+                dataset = datasets.get(job)
+            except RobmiaError as exc:
+                errors.append(SpecError(item.path, "data.dataset", str(exc)))
+                break
+            try:
+                split_membership(dataset, job.identity)
+            except RobmiaError as exc:
+                errors.append(SpecError(item.path, "membership", str(exc)))
+                break
+            arch_key = (job.arch, job.width)
+            if arch_key in seen:
+                continue
+            seen.add(arch_key)
+            try:
+                with torch.device("meta"):
+                    model = build_model(
+                        job.arch, dataset.input_shape, dataset.n_classes, job.width, job.identity["model"]["options"]
+                    )
+            except RobmiaError as exc:
+                errors.append(SpecError(item.path, "model", str(exc)))
+                continue
+            except TypeError as exc:
+                errors.append(SpecError(item.path, "model.options", str(exc)))
+                continue
+            if any(p.kind == "verified" for p in job.perturbations):
+                try:
+                    from robmia_db.runner import bounds
+
+                    bounds.check_supported(model)
+                except RobmiaError as exc:
+                    errors.append(SpecError(item.path, "signals", f"verified signals: {exc}"))
+    if errors:
+        raise SpecErrors(errors)
+
+
+def plan_actions(jobs: list[ModelJob], existing: dict[str, dict[str, Any]]) -> dict[str, str]:
+    actions = {}
+    for job in jobs:
+        state = existing.get(job.model_key)
+        if state is None or state["status"] != "completed":
+            actions[job.model_key] = "train"
+        elif any(p.signal_key not in state["signal_keys"] for p in job.perturbations):
+            actions[job.model_key] = "signals"
+        else:
+            actions[job.model_key] = "skip"
+    return actions
+
+
+def _make_optimizer(model: torch.nn.Module, identity: dict[str, Any]):
+    config = identity["training"]["optimizer"]
+    if config["name"] == "sgd":
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+        )
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    schedule = identity["training"]["lr_schedule"]
+    epochs = identity["training"]["epochs"]
+    if schedule["name"] == "multistep":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule["milestones"], schedule["gamma"])
+    elif schedule["name"] == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    else:
+        scheduler = None
+    return optimizer, scheduler
+
+
+def train_model(
+    job: ModelJob,
+    dataset: LoadedDataset,
+    split: MembershipSplit,
+    device: torch.device,
+    reporter: Reporter,
+    partial_path: Path | None = None,
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """Train one model on its members. Resumes from `partial_path` when a killed run left one."""
+    identity = job.identity
+    training = identity["training"]
+    torch.manual_seed(training["seed"])
+    model = build_model(job.arch, dataset.input_shape, dataset.n_classes, job.width, identity["model"]["options"])
+    model = model.to(device)
+    defense = build_defense(job.defense, training["params"], training["eps"])
+    optimizer, scheduler = _make_optimizer(model, identity)
+    x = torch.from_numpy(dataset.x[split.member_ids]).to(device)
+    y = torch.from_numpy(dataset.y[split.member_ids]).to(device)
+    n = len(y)
+    batch_size = int(training["batch_size"])
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    epochs = int(training["epochs"])
+    order = torch.Generator(device="cpu").manual_seed(training["seed"])
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if partial_path is not None and partial_path.exists():
+        state = torch.load(partial_path, map_location=device, weights_only=True)
+        if state.get("model_key") == job.model_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            order.set_state(state["order_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            history = list(state["history"])
+            start_epoch = int(state["epoch"]) + 1
+    last_save = time.monotonic()
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        started = time.perf_counter()
+        permutation = torch.randperm(n, generator=order).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for start in range(0, n, batch_size):
+            index = permutation[start : start + batch_size]
+            progress = TrainProgress(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, epochs=epochs)
+            loss = defense.loss(model, x[index], y[index], progress)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if defense.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), defense.grad_clip_norm)
+            optimizer.step()
+            loss_sum += loss.detach() * len(index)
+            step += 1
+        if scheduler is not None:
+            scheduler.step()
+        stats = {"epoch": epoch + 1, "loss": float(loss_sum) / n, "seconds": time.perf_counter() - started}
+        stats.update(defense.describe_epoch(TrainProgress(epoch, step, steps_per_epoch, epochs)))
+        history.append(stats)
+        reporter.epoch_done(job, epoch + 1, epochs, stats)
+        if partial_path is not None and epoch + 1 < epochs and time.monotonic() - last_save > PARTIAL_SAVE_INTERVAL_S:
+            _save_partial(partial_path, job, model, optimizer, scheduler, order, epoch, history)
+            last_save = time.monotonic()
+    return model.eval(), history
+
+
+def _save_partial(path, job, model, optimizer, scheduler, order, epoch, history) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(
+        {
+            "model_key": job.model_key,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "order_rng": order.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "history": history,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def _model_record(job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device):
+    return ingest.ModelRecord(
+        model_key=job.model_key, model_name=job.model_name, experiment=job.experiment, origin="trained",
+        dataset=job.dataset, arch=job.arch, width=job.width, defense=job.defense, eps=job.eps, seed=job.seed,
+        model_index=job.model_index, membership_scheme=job.identity["membership"]["scheme"],
+        n_members=len(split.member_ids) if split else None, n_nonmembers=len(split.nonmember_ids) if split else None,
+        n_classes=dataset.n_classes if dataset else None,
+        input_shape=list(dataset.input_shape) if dataset else None, config=job.identity,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        dataset_checksum=None, git_commit=provenance[0], git_dirty=provenance[1],
+        package_versions=provenance[2], host=socket.gethostname(), device=str(device), started_at=started_at,
+        finished_at=datetime.now(timezone.utc), train_seconds=train_seconds, train_history=history,
+    )  # fmt: skip
+
+
+def execute_job(
+    job: ModelJob,
+    action: str,
+    existing_signal_keys: set[str],
+    db_path: Path,
+    datasets: DatasetCache,
+    device: torch.device,
+    reporter: Reporter,
+    provenance: tuple,
+    eval_batch_size: int,
+) -> ModelOutcome:
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc)
+    dataset = datasets.get(job)
+    split = split_membership(dataset, job.identity)
+    checkpoints = checkpoint_dir(db_path)
+    checkpoint = checkpoints / f"{job.model_key}.pt"
+    train_seconds = None
+    history: list[dict[str, Any]] = []
+    if action == "train" and not checkpoint.exists():
+        partial = checkpoints / f"{job.model_key}.partial.pt"
+        t0 = time.perf_counter()
+        model, history = train_model(job, dataset, split, device, reporter, partial)
+        train_seconds = time.perf_counter() - t0
+        save_checkpoint(
+            checkpoint,
+            model,
+            {
+                "arch": job.arch, "input_shape": list(dataset.input_shape), "n_classes": dataset.n_classes,
+                "width": job.width, "options": job.identity["model"]["options"], "model_key": job.model_key,
+            },
+        )  # fmt: skip
+        partial.unlink(missing_ok=True)
+    else:
+        # a finished checkpoint without its store rows (killed between the two) is reused, not retrained
+        model, _ = load_checkpoint(checkpoint, device)
+    wanted = [p for p in job.perturbations if action == "train" or p.signal_key not in existing_signal_keys]
+    ids = split.evaluated_ids
+    is_member = split.is_member
+    x_eval = torch.from_numpy(dataset.x[ids]).to(device)
+    y_eval = torch.from_numpy(dataset.y[ids]).to(device)
+    records = []
+    accuracies: dict[str, float | None] = {}
+    for index, perturbation in enumerate(wanted):
+        reporter.perturbation_started(job, perturbation, index, len(wanted))
+        t0 = time.perf_counter()
+        columns = compute_signal_columns(model, x_eval, y_eval, perturbation.settings, eval_batch_size)
+        table = signal_table(perturbation.signal_key, job.model_key, ids, dataset.y[ids], is_member, columns)
+        record = ingest.PerturbationRecord(
+            perturbation.signal_key, job.model_key, perturbation.name, perturbation.kind, perturbation.eps,
+            perturbation.settings, table, time.perf_counter() - t0,
+        )  # fmt: skip
+        records.append(record)
+        member_acc, nonmember_acc = ingest.perturbation_accuracies(table)
+        accuracies[f"{perturbation.name}_train_acc"] = member_acc
+        accuracies[f"{perturbation.name}_test_acc"] = nonmember_acc
+    model_record = _model_record(
+        job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device
+    )
+    model_record.dataset_checksum = None
+    with writing(db_path) as con:
+        ingest.write_model(
+            con,
+            model_record,
+            split.table() if action == "train" else None,
+            examples_table(dataset, ids) if action == "train" else None,
+            records,
+        )
+    return ModelOutcome(job, action, time.perf_counter() - started, accuracies=accuracies)
+
+
+def run_specs(
+    paths: list[str | Path],
+    db_path: str | Path,
+    reporter: Reporter | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    dry_run: bool = False,
+) -> RunSummary:
+    """Run specs into a store: validate all, then train and record what the store lacks.
+
+    Raises SpecErrors before any work if any spec is invalid or its data is missing. A model that fails
+    is recorded as failed and the run goes on; callers check `summary.failed`.
+    """
+    reporter = reporter or SilentReporter()
+    db_path = Path(db_path)
+    loaded = load_specs(paths)
+    datasets = DatasetCache()
+    preflight(loaded, datasets)
+    jobs: list[ModelJob] = []
+    seen: dict[str, ModelJob] = {}
+    for item in loaded:
+        for job in item.jobs:
+            if job.model_key in seen:
+                known = {p.signal_key for p in seen[job.model_key].perturbations}
+                seen[job.model_key].perturbations += [p for p in job.perturbations if p.signal_key not in known]
+                continue
+            seen[job.model_key] = job
+            jobs.append(job)
+    thread_count = threads or next((item.spec.runtime.threads for item in loaded if item.spec.runtime.threads), None)
+    torch.set_num_threads(thread_count or 1)
+    torch_device = resolve_device(device or loaded[0].spec.runtime.device)
+
+    existing: dict[str, dict[str, Any]] = {}
+    if db_path.exists():
+        from robmia_db.store.connection import reading
+
+        with reading(db_path) as con:
+            existing = ingest.existing_models(con, [job.model_key for job in jobs])
+    actions = plan_actions(jobs, existing)
+    reporter.plan(jobs, actions)
+    if dry_run:
+        return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs])
+
+    outcomes: list[ModelOutcome] = []
+    with run_lock(db_path):
+        with writing(db_path) as con:
+            for item in loaded:
+                ingest.upsert_experiment(
+                    con, item.spec.experiment.name, item.spec.experiment.description, str(item.path), item.text
+                )
+            for job in jobs:
+                if job.model_key in existing:
+                    ingest.rename_model(con, job.model_key, job.model_name, job.experiment)
+        git_commit, git_dirty = _git_provenance()
+        provenance = (git_commit, git_dirty, _package_versions())
+        for index, job in enumerate(jobs):
+            action = actions[job.model_key]
+            reporter.model_started(job, index, len(jobs), action)
+            if action == "skip":
+                outcome = ModelOutcome(job, "skip")
+            else:
+                try:
+                    outcome = execute_job(
+                        job, action, existing.get(job.model_key, {}).get("signal_keys", set()), db_path, datasets,
+                        torch_device, reporter, provenance, int(job.runtime.get("eval_batch_size") or 512),
+                    )  # fmt: skip
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # one model's failure must not stop the others
+                    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    outcome = ModelOutcome(job, "failed", error=message)
+                    record = _model_record(job, None, None, None, provenance, None, None, [], torch_device)
+                    record.error = "".join(traceback.format_exception(exc))[-4000:]
+                    try:
+                        with writing(db_path) as con:
+                            ingest.write_failed_model(con, record)
+                    except RobmiaError:
+                        pass
+            reporter.model_finished(outcome)
+            outcomes.append(outcome)
+    return RunSummary(db_path, outcomes)
+
+
+def evaluate_accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Plain accuracy on numpy data, for tests and notebooks."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+    return float((logits.argmax(1).numpy() == y).mean())
+
+
+def cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)

@@ -1,0 +1,70 @@
+"""Store layer: read-only queries for users (`robmia-db sql`, the Python API) and result formatting."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from robmia_db.errors import StoreError
+from robmia_db.store.connection import DEFAULT_TIMEOUT_S, reading
+
+
+def run_query(
+    db_path: str | Path, sql: str, params: dict[str, Any] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> pa.Table:
+    """Run SQL on a read-only connection and return an Arrow table; SQL errors become one-line StoreErrors."""
+    with reading(db_path, timeout_s=timeout_s) as con:
+        try:
+            relation = con.sql(sql, params=params) if params else con.sql(sql)
+            if relation is None:
+                return pa.table({})
+            return relation.to_arrow_table()
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise StoreError(f"query failed: {first}") from exc
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        inner = ", ".join(_cell(v) for v in value[:6])
+        return f"[{inner}{', ...' if len(value) > 6 else ''}]"
+    return str(value)
+
+
+def format_result(table: pa.Table, fmt: str, max_rows: int = 200) -> str:
+    rows = table.to_pylist()
+    columns = table.column_names
+    if fmt == "json":
+        return json.dumps(rows, default=str) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([json.dumps(v) if isinstance(v, list) else ("" if v is None else v) for v in row.values()])
+        return out.getvalue()
+    if not columns:
+        return "(no result)\n"
+    shown = rows[:max_rows]
+    cells = [[_cell(row[c]) for c in columns] for row in shown]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    footer = f"({len(rows)} row{'s' if len(rows) != 1 else ''}"
+    footer += f", first {max_rows} shown)" if len(rows) > max_rows else ")"
+    return "\n".join(lines + [footer]) + "\n"

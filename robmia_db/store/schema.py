@@ -1,0 +1,190 @@
+"""Store layer: the DuckDB schema, its migrations and the public views (the contract later layers read).
+
+Tables may change behind the views; the views' names and columns are pinned by tests/test_store_schema.py.
+Migrations are plain SQL applied in order, each in its own transaction, recorded in `schema_version`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import duckdb
+
+from robmia_db.errors import StoreError
+
+# Each entry upgrades the schema from version i to i + 1.
+MIGRATIONS: list[str] = [
+    # 1: the core tables
+    """
+    CREATE TABLE experiments (
+        name VARCHAR PRIMARY KEY,
+        description VARCHAR,
+        spec_path VARCHAR,
+        spec_text VARCHAR,
+        updated_at TIMESTAMPTZ
+    );
+    CREATE TABLE models (
+        model_key VARCHAR PRIMARY KEY,
+        model_name VARCHAR NOT NULL,
+        experiment VARCHAR,
+        origin VARCHAR NOT NULL,            -- 'trained' or 'imported'
+        dataset VARCHAR,
+        arch VARCHAR,
+        width DOUBLE,
+        defense VARCHAR,
+        eps DOUBLE,
+        seed INTEGER,
+        model_index INTEGER,
+        membership_scheme VARCHAR,
+        n_members INTEGER,
+        n_nonmembers INTEGER,
+        n_classes INTEGER,
+        input_shape INTEGER[],
+        config JSON,
+        status VARCHAR NOT NULL,            -- 'completed' or 'failed'
+        error VARCHAR,
+        checkpoint VARCHAR,
+        dataset_checksum VARCHAR,
+        git_commit VARCHAR,
+        git_dirty BOOLEAN,
+        package_versions JSON,
+        host VARCHAR,
+        device VARCHAR,
+        started_at TIMESTAMPTZ,
+        finished_at TIMESTAMPTZ,
+        train_seconds DOUBLE,
+        train_history JSON
+    );
+    CREATE TABLE examples (
+        dataset VARCHAR NOT NULL,
+        example_id INTEGER NOT NULL,
+        label INTEGER NOT NULL,
+        origin_split VARCHAR
+    );
+    CREATE TABLE membership (
+        model_key VARCHAR NOT NULL,
+        example_id INTEGER NOT NULL,
+        is_member BOOLEAN NOT NULL
+    );
+    CREATE TABLE perturbations (
+        signal_key VARCHAR PRIMARY KEY,
+        model_key VARCHAR NOT NULL,
+        name VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        eps DOUBLE,
+        settings JSON,
+        n_rows INTEGER,
+        member_acc DOUBLE,
+        nonmember_acc DOUBLE,
+        seconds DOUBLE,
+        created_at TIMESTAMPTZ
+    );
+    -- no primary key: it would double the file and slow ingest; uniqueness is checked at ingest
+    CREATE TABLE signals (
+        signal_key VARCHAR NOT NULL,
+        model_key VARCHAR NOT NULL,
+        example_id INTEGER NOT NULL,
+        label INTEGER NOT NULL,
+        is_member BOOLEAN NOT NULL,
+        loss DOUBLE,
+        confidence FLOAT,
+        margin DOUBLE,
+        entropy DOUBLE,
+        mentropy DOUBLE,
+        is_correct BOOLEAN,
+        probs FLOAT[]
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+VIEWS_SQL = """
+CREATE OR REPLACE VIEW v_perturbations AS
+SELECT p.signal_key, p.model_key, m.model_name, p.name AS perturbation, p.kind, p.eps, p.settings,
+       p.n_rows, p.member_acc, p.nonmember_acc, p.seconds, p.created_at
+FROM perturbations p JOIN models m USING (model_key);
+
+CREATE OR REPLACE VIEW v_models AS
+WITH ranked AS (
+    SELECT p.*, row_number() OVER (
+        PARTITION BY p.model_key, p.kind
+        ORDER BY (p.eps IS NOT DISTINCT FROM m.eps) DESC, p.eps DESC NULLS LAST, p.name
+    ) AS rank_in_kind
+    FROM perturbations p JOIN models m USING (model_key)
+),
+primary_perturbations AS (SELECT * FROM ranked WHERE rank_in_kind = 1)
+SELECT m.model_key, m.model_name, m.experiment, m.dataset, m.arch, m.width, m.defense, m.eps, m.seed,
+       m.model_index, m.status, m.error, m.origin, m.membership_scheme, m.n_members, m.n_nonmembers,
+       m.n_classes,
+       b.member_acc AS train_acc, b.nonmember_acc AS test_acc,
+       a.member_acc AS adv_train_acc, a.nonmember_acc AS adv_test_acc, a.eps AS adv_eps,
+       v.member_acc AS verified_train_acc, v.nonmember_acc AS verified_test_acc, v.eps AS verified_eps,
+       (SELECT count(*) FROM perturbations q WHERE q.model_key = m.model_key) AS n_perturbations,
+       m.train_seconds, m.started_at, m.finished_at, m.device, m.git_commit, m.git_dirty, m.host,
+       m.checkpoint, m.dataset_checksum, m.config
+FROM models m
+LEFT JOIN primary_perturbations b ON b.model_key = m.model_key AND b.kind = 'benign'
+LEFT JOIN primary_perturbations a ON a.model_key = m.model_key AND a.kind = 'adversarial'
+LEFT JOIN primary_perturbations v ON v.model_key = m.model_key AND v.kind = 'verified';
+
+CREATE OR REPLACE VIEW v_signals AS
+SELECT s.model_key, m.model_name, s.example_id, s.label, s.is_member, p.name AS perturbation, p.kind,
+       p.eps, s.signal_key, s.loss, s.confidence, s.margin, s.entropy, s.mentropy, s.is_correct, s.probs
+FROM signals s
+JOIN perturbations p USING (signal_key)
+JOIN models m ON m.model_key = s.model_key;
+
+CREATE OR REPLACE VIEW v_membership AS
+SELECT b.model_key, m.model_name, b.example_id, b.is_member, e.label, e.origin_split
+FROM membership b
+JOIN models m USING (model_key)
+LEFT JOIN examples e ON e.dataset = m.dataset AND e.example_id = b.example_id;
+
+CREATE OR REPLACE VIEW v_experiments AS
+SELECT e.name AS experiment, e.description, e.spec_path, e.spec_text, e.updated_at,
+       (SELECT count(*) FROM models m WHERE m.experiment = e.name) AS n_models
+FROM experiments e;
+"""
+
+PUBLIC_VIEWS = ("v_models", "v_signals", "v_perturbations", "v_membership", "v_experiments")
+
+
+def current_version(con: duckdb.DuckDBPyConnection) -> int:
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+    ).fetchone()[0]
+    if not exists:
+        return 0
+    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def needs_migration(con: duckdb.DuckDBPyConnection) -> bool:
+    return current_version(con) < SCHEMA_VERSION
+
+
+def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None) -> int:
+    """Bring the schema to SCHEMA_VERSION and (re)create the views. Returns the starting version."""
+    start = current_version(con)
+    if start > SCHEMA_VERSION:
+        raise StoreError(
+            f"the store has schema version {start}, newer than this robmia-db ({SCHEMA_VERSION}): upgrade robmia-db"
+        )
+    if start == 0:
+        con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)")
+    for version in range(start, SCHEMA_VERSION):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(MIGRATIONS[version])
+            con.execute(
+                "INSERT INTO schema_version VALUES (?, ?)", [version + 1, datetime.now(timezone.utc)]
+            )
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    con.execute(VIEWS_SQL)
+    for sql in extra_views or []:
+        con.execute(sql)
+    return start
