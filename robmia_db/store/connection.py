@@ -111,19 +111,16 @@ def connect(
         if not read_only:
             schema.migrate(con)
         elif version < schema.SCHEMA_VERSION:
-            if version == 0 and not _has_tables(con):
+            if version == 0:
                 raise StoreError(f"{path} is not a robmia-db store (no schema_version table)")
-            raise StoreError(
-                f"{path} has schema version {version}; open it once for writing (e.g. `robmia-db score`) to migrate"
-            )
+            con.close()
+            # an older store is migrated in a short write session, then reopened read-only
+            connect(path, read_only=False, timeout_s=timeout_s, threads=threads, memory_limit=memory_limit).close()
+            return connect(path, read_only=True, timeout_s=timeout_s, threads=threads, memory_limit=memory_limit)
     except BaseException:
         con.close()
         raise
     return con
-
-
-def _has_tables(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables").fetchone()[0])
 
 
 @contextlib.contextmanager

@@ -209,8 +209,8 @@ def write_model(
 def write_failed_model(con: duckdb.DuckDBPyConnection, model: ModelRecord) -> None:
     """Record a model whose training or signals failed, with its error; a rerun retries it."""
     with transaction(con):
-        status = con.execute("SELECT status FROM models WHERE model_key = ?", [model.model_key]).fetchone()
-        if status and status[0] == "completed":
+        rows = con.execute("SELECT status FROM models WHERE model_key = ?", [model.model_key]).fetchall()
+        if rows and rows[0][0] == "completed":
             return  # a completed model that only failed to add a perturbation keeps its status
         con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
         model.status = "failed"

@@ -95,6 +95,59 @@ MIGRATIONS: list[str] = [
         probs FLOAT[]
     );
     """,
+    # 2: attacks, their per-sample scores and metrics (written by `robmia-db score`)
+    """
+    CREATE TABLE attacks (
+        attack_key VARCHAR PRIMARY KEY,     -- hash of name, normalised source and resolved params
+        name VARCHAR NOT NULL,
+        title VARCHAR,
+        paper VARCHAR,
+        description VARCHAR,
+        language VARCHAR,                   -- 'sql' or 'python'
+        source_path VARCHAR,
+        source VARCHAR,
+        params JSON,
+        needs JSON,
+        created_at TIMESTAMPTZ
+    );
+    CREATE TABLE scores (
+        attack_key VARCHAR NOT NULL,
+        model_key VARCHAR NOT NULL,
+        perturbation VARCHAR NOT NULL,
+        example_id INTEGER NOT NULL,
+        score DOUBLE
+    );
+    CREATE TABLE metrics (
+        attack_key VARCHAR NOT NULL,
+        model_key VARCHAR NOT NULL,
+        perturbation VARCHAR NOT NULL,
+        inputs_key VARCHAR NOT NULL,        -- hash of the signal keys the scores were computed from
+        balanced_accuracy DOUBLE,
+        auc DOUBLE,
+        tpr_at_fpr_0 DOUBLE,
+        tpr_at_fpr_1e3 DOUBLE,
+        tpr_at_fpr_1e2 DOUBLE,
+        advantage DOUBLE,
+        threshold DOUBLE,
+        n_members INTEGER,
+        n_nonmembers INTEGER,
+        tp_at_best BIGINT,
+        fp_at_best BIGINT,
+        auc_numerator2 HUGEINT,
+        calibrated_accuracy DOUBLE,         -- balanced accuracy at a threshold chosen on reference models
+        calibrated_threshold DOUBLE,
+        n_reference_models INTEGER,
+        seconds DOUBLE,
+        created_at TIMESTAMPTZ
+    );
+    CREATE TABLE attack_skips (
+        attack_key VARCHAR NOT NULL,
+        model_key VARCHAR NOT NULL,
+        perturbation VARCHAR,
+        reason VARCHAR NOT NULL,
+        created_at TIMESTAMPTZ
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -141,22 +194,55 @@ FROM membership b
 JOIN models m USING (model_key)
 LEFT JOIN examples e ON e.dataset = m.dataset AND e.example_id = b.example_id;
 
+CREATE OR REPLACE VIEW v_scores AS
+SELECT s.model_key, m.model_name, a.name AS attack, s.perturbation, s.example_id, b.is_member, s.score,
+       s.attack_key
+FROM scores s
+JOIN attacks a USING (attack_key)
+JOIN models m ON m.model_key = s.model_key
+JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id;
+
+CREATE OR REPLACE VIEW v_metrics AS
+SELECT x.model_key, m.model_name, m.experiment, m.dataset, m.defense, m.eps, m.seed, a.name AS attack,
+       a.title AS attack_title, x.perturbation, p.kind, p.eps AS perturbation_eps,
+       x.balanced_accuracy, x.auc, x.tpr_at_fpr_0, x.tpr_at_fpr_1e3, x.tpr_at_fpr_1e2, x.advantage,
+       x.threshold, x.n_members, x.n_nonmembers, x.calibrated_accuracy, x.calibrated_threshold,
+       x.n_reference_models, x.tp_at_best, x.fp_at_best, x.auc_numerator2, x.attack_key, x.inputs_key,
+       x.seconds, x.created_at
+FROM metrics x
+JOIN attacks a USING (attack_key)
+JOIN models m ON m.model_key = x.model_key
+LEFT JOIN perturbations p ON p.model_key = x.model_key AND p.name = x.perturbation;
+
+CREATE OR REPLACE VIEW v_attack_skips AS
+SELECT k.model_key, m.model_name, a.name AS attack, k.perturbation, k.reason, k.created_at
+FROM attack_skips k JOIN attacks a USING (attack_key) JOIN models m ON m.model_key = k.model_key;
+
 CREATE OR REPLACE VIEW v_experiments AS
 SELECT e.name AS experiment, e.description, e.spec_path, e.spec_text, e.updated_at,
        (SELECT count(*) FROM models m WHERE m.experiment = e.name) AS n_models
 FROM experiments e;
 """
 
-PUBLIC_VIEWS = ("v_models", "v_signals", "v_perturbations", "v_membership", "v_experiments")
+PUBLIC_VIEWS = (
+    "v_models",
+    "v_signals",
+    "v_perturbations",
+    "v_membership",
+    "v_experiments",
+    "v_scores",
+    "v_metrics",
+    "v_attack_skips",
+)
 
 
 def current_version(con: duckdb.DuckDBPyConnection) -> int:
     exists = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if not exists:
         return 0
-    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    row = con.execute("SELECT max(version) FROM schema_version").fetchall()[0]
     return int(row[0] or 0)
 
 
