@@ -48,8 +48,8 @@ class LoadedDataset:
     def checksum(self) -> str:
         """sha256 over images, labels and origin splits: identical data gives an identical digest."""
         digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self.x, dtype=np.float32).tobytes())
-        digest.update(np.ascontiguousarray(self.y, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self.x, dtype=np.float32))
+        digest.update(np.ascontiguousarray(self.y, dtype=np.int64))
         digest.update("\n".join(self.origin_split.astype(str).tolist()).encode())
         return digest.hexdigest()
 
@@ -125,7 +125,12 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Loaded
             f"dataset {name!r} needs its files: set data.root in the spec or {DATA_ROOT_ENV}"
             + (f" ({info.expected_files})" if info.expected_files else "")
         )
-    dataset = info.loader(resolved, **options)
+    try:
+        dataset = info.loader(resolved, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise DatasetError(f"dataset {name!r} takes no option {str(exc).split('argument')[-1].strip()}") from None
     _check_loaded(dataset)
     return dataset
 
