@@ -1,0 +1,52 @@
+"""A trained attack classifier (Shokri et al. 2017), trained on reference models' signals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+ATTACK = {
+    "title": "Trained attack classifier on reference (shadow) models",
+    "paper": "Shokri, Stronati, Song, Shmatikov. Membership Inference Attacks Against Machine Learning Models. IEEE S&P 2017. https://arxiv.org/abs/1610.05820",
+    "needs": ["signal", "reference_models"],
+    "params": {"max_iter": 100, "seed": 0},
+    "description": (
+        "A scikit-learn gradient-boosted classifier on the sorted probability vector plus confidence, loss, "
+        "entropy, modified entropy and margin, trained on the reference models' members and non-members "
+        "(classes balanced), then applied to the target model; the score is its member probability."
+    ),
+}
+
+FEATURES = "probs, label, CAST(confidence AS DOUBLE) AS confidence, loss, entropy, mentropy, margin"
+
+
+def _features(frame) -> np.ndarray:
+    probs = np.sort(np.stack(frame["probs"].to_numpy()).astype(np.float64), axis=1)[:, ::-1]
+    scalars = frame[["confidence", "loss", "entropy", "mentropy", "margin"]].to_numpy(np.float64)
+    return np.nan_to_num(np.concatenate([probs, scalars], axis=1), posinf=1e6, neginf=-1e6)
+
+
+def score(ctx, params):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    target = ctx.sql(f"SELECT model_key, example_id, {FEATURES} FROM target").to_pandas()
+    reference = ctx.sql(f"SELECT target_model_key, is_member, {FEATURES} FROM reference").to_pandas()
+    pieces = []
+    for model_key, rows in target.groupby("model_key", sort=False):
+        refs = reference[reference["target_model_key"] == model_key]
+        labels = refs["is_member"].to_numpy(bool)
+        classifier = HistGradientBoostingClassifier(
+            max_iter=int(params["max_iter"]), class_weight="balanced", random_state=int(params["seed"])
+        )
+        classifier.fit(_features(refs), labels)
+        member_column = list(classifier.classes_).index(True)
+        pieces.append(
+            pa.table(
+                {
+                    "model_key": rows["model_key"].to_numpy(),
+                    "example_id": rows["example_id"].to_numpy(),
+                    "score": classifier.predict_proba(_features(rows))[:, member_column],
+                }
+            )
+        )
+    return pa.concat_tables(pieces)

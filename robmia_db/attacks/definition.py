@@ -1,0 +1,207 @@
+"""Attacks layer: parsing and checking one attack definition (`.sql` with a TOML header, or `.py`).
+
+A `.sql` attack's leading `-- ` comment block is TOML:
+
+    -- title = "True-label confidence"
+    -- paper = "Song, Shokri, Mittal. CCS 2019. https://arxiv.org/abs/1905.10291"
+    -- needs = ["signal"]
+    -- params = { temperature = 1.0 }
+    -- description = "..."
+    SELECT model_key, example_id, confidence / $temperature AS score FROM target
+
+`needs` says which relations the attack reads and how often it is scored:
+  "signal"                 -> `target`: one perturbation's rows (any kind); scored once per perturbation
+  "benign", "adversarial", "verified" -> a view of that kind each; scored once per perturbation of the
+                              last kind listed (e.g. once per PGD setting), labelled with its name
+  "reference_models"       -> `reference`: the same perturbation on reference models, with is_member
+The target relations never carry membership labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from robmia_db.errors import AttackDefinitionError
+
+KIND_NEEDS = ("benign", "adversarial", "verified")
+KNOWN_NEEDS = ("signal", *KIND_NEEDS, "reference_models")
+HEADER_KEYS = {"title", "paper", "needs", "params", "description"}
+_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_STRINGS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+_LINE_COMMENTS = re.compile(r"--[^\n]*")
+_BLOCK_COMMENTS = re.compile(r"/\*.*?\*/", re.S)
+
+
+@dataclass
+class AttackDefinition:
+    """One attack, ready to score: metadata, code, and resolved parameters."""
+
+    name: str
+    title: str
+    paper: str
+    needs: list[str]
+    params: dict[str, Any]
+    description: str
+    language: str  # "sql" or "python"
+    source: str
+    path: str
+    sql: str | None = None
+    function: Callable[..., Any] | None = None
+    origin: str = "builtin"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def signal_kind(self) -> str | None:
+        """The kind whose perturbations the attack is scored on (None = every perturbation)."""
+        kinds = [n for n in self.needs if n in KIND_NEEDS]
+        return kinds[-1] if kinds else None
+
+    @property
+    def needs_reference(self) -> bool:
+        return "reference_models" in self.needs
+
+    def with_params(self, overrides: dict[str, Any]) -> AttackDefinition:
+        unknown = sorted(set(overrides) - set(self.params))
+        if unknown:
+            raise AttackDefinitionError(self.path, f"unknown parameter {unknown[0]!r} (declared: {sorted(self.params)})")
+        clone = AttackDefinition(**{**self.__dict__, "params": {**self.params, **overrides}})
+        return clone
+
+    @property
+    def attack_key(self) -> str:
+        """Content key: name, normalised source and resolved params. Editing the file re-scores it."""
+        payload = json.dumps(
+            {"name": self.name, "source": normalise_source(self.source), "params": self.params},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def normalise_source(source: str) -> str:
+    lines = [line.rstrip() for line in source.replace("\r\n", "\n").split("\n")]
+    return "\n".join(lines).strip() + "\n"
+
+
+def _strip_for_params(sql: str) -> str:
+    return _STRINGS.sub("''", _LINE_COMMENTS.sub("", _BLOCK_COMMENTS.sub("", sql)))
+
+
+def used_params(sql: str) -> set[str]:
+    return set(_PARAM.findall(_strip_for_params(sql)))
+
+
+def _check_header(path: str, header: dict[str, Any], language: str) -> tuple[list[str], dict[str, Any]]:
+    unknown = sorted(set(header) - HEADER_KEYS)
+    if unknown:
+        raise AttackDefinitionError(path, f"unknown header key {unknown[0]!r} (allowed: {', '.join(sorted(HEADER_KEYS))})")
+    if "title" not in header:
+        raise AttackDefinitionError(path, "header has no `title`")
+    needs = header.get("needs")
+    if needs is None:
+        raise AttackDefinitionError(path, 'header has no `needs` (e.g. needs = ["signal"])')
+    if isinstance(needs, str):
+        needs = [needs]
+    if not isinstance(needs, list) or not needs or not all(isinstance(n, str) for n in needs):
+        raise AttackDefinitionError(path, "`needs` must be a non-empty list of strings")
+    bad = [n for n in needs if n not in KNOWN_NEEDS]
+    if bad:
+        raise AttackDefinitionError(path, f"`needs` has unknown entry {bad[0]!r} (known: {', '.join(KNOWN_NEEDS)})")
+    if "signal" in needs and any(n in KIND_NEEDS for n in needs):
+        raise AttackDefinitionError(path, '`needs` mixes "signal" with specific kinds; use one or the other')
+    params = header.get("params", {})
+    if not isinstance(params, dict):
+        raise AttackDefinitionError(path, "`params` must be a table of defaults")
+    for key, value in params.items():
+        if not isinstance(value, (int, float, str, bool)):
+            raise AttackDefinitionError(path, f"param {key!r} must be a number, string or boolean")
+    return needs, params
+
+
+def parse_sql_attack(path: str | Path, origin: str = "user") -> AttackDefinition:
+    path = Path(path)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise AttackDefinitionError(path, f"cannot read: {exc.strerror or exc}") from None
+    header_lines: list[str] = []
+    body_lines: list[str] = []
+    in_header = True
+    for line in source.splitlines():
+        stripped = line.strip()
+        if in_header and (stripped.startswith("--") or (not stripped and header_lines == [])):
+            if stripped.startswith("--"):
+                text = stripped[2:]
+                header_lines.append(text[1:] if text.startswith(" ") else text)
+            continue
+        in_header = False
+        body_lines.append(line)
+    try:
+        header = tomllib.loads("\n".join(header_lines))
+    except tomllib.TOMLDecodeError as exc:
+        raise AttackDefinitionError(path, f"header is not valid TOML: {exc}") from None
+    needs, params = _check_header(str(path), header, "sql")
+    sql = "\n".join(body_lines).strip().rstrip(";").strip()
+    if not sql:
+        raise AttackDefinitionError(path, "has no SQL after its header")
+    used = used_params(sql)
+    undeclared = sorted(used - set(params))
+    if undeclared:
+        raise AttackDefinitionError(path, f"uses ${undeclared[0]} but declares no such param")
+    unused = sorted(set(params) - used)
+    if unused:
+        raise AttackDefinitionError(path, f"declares param {unused[0]!r} but never uses ${unused[0]}")
+    return AttackDefinition(
+        name=path.stem, title=str(header["title"]), paper=str(header.get("paper", "")), needs=needs,
+        params=params, description=str(header.get("description", "")).strip(), language="sql",
+        source=source, path=str(path), sql=sql, origin=origin,
+    )  # fmt: skip
+
+
+def parse_python_attack(path: str | Path, origin: str = "user") -> AttackDefinition:
+    """A `.py` attack defines `ATTACK = {title, paper, needs, params, description}` and `score(ctx, params)`.
+
+    `score` gets a read-only context (`ctx.sql(query)` over the same relations as SQL attacks) and returns
+    a table (Arrow, pandas or dict of arrays) of exactly (model_key, example_id, score).
+    """
+    path = Path(path)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise AttackDefinitionError(path, f"cannot read: {exc.strerror or exc}") from None
+    spec = importlib.util.spec_from_file_location(f"robmia_attack_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise AttackDefinitionError(path, "cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a user's file: report, don't crash the registry
+        raise AttackDefinitionError(path, f"fails to import: {type(exc).__name__}: {exc}") from None
+    header = getattr(module, "ATTACK", None)
+    if not isinstance(header, dict):
+        raise AttackDefinitionError(path, "defines no ATTACK = {...} header dict")
+    function = getattr(module, "score", None)
+    if not callable(function):
+        raise AttackDefinitionError(path, "defines no score(ctx, params) function")
+    needs, params = _check_header(str(path), header, "python")
+    return AttackDefinition(
+        name=path.stem, title=str(header["title"]), paper=str(header.get("paper", "")), needs=needs,
+        params=params, description=str(header.get("description", "")).strip(), language="python",
+        source=source, path=str(path), function=function, origin=origin,
+    )  # fmt: skip
+
+
+def parse_attack(path: str | Path, origin: str = "user") -> AttackDefinition:
+    path = Path(path)
+    if path.suffix == ".sql":
+        return parse_sql_attack(path, origin)
+    if path.suffix == ".py":
+        return parse_python_attack(path, origin)
+    raise AttackDefinitionError(path, "is not an attack file (.sql or .py)")
