@@ -44,7 +44,9 @@ def main() -> int:
         db = Path(tmp) / "golden.duckdb"
         started = time.perf_counter()
         for defense in PAPER:
-            import_outputs(db, args.folder / f"{defense}.npz", "ccs2019", name=defense, dataset="yale", defense=defense)
+            import_outputs(
+                db, args.folder / f"{defense}.npz", "ccs2019", name=defense, dataset="yale", defense=defense
+            )
         imported = time.perf_counter() - started
         started = time.perf_counter()
         score_attacks(db, ["confidence"])
@@ -57,22 +59,41 @@ def main() -> int:
     ours = {(r["model_name"], r["perturbation"]): r for r in rows}
     worst = 0.0
     results = []
-    print(f"{'defense':<18} {'signal':<12} {'paper':>20} {'robmia-db':>20} {'diff':>9} {'AUC':>7} {'TPR@0.1%':>9}")
+    print(
+        f"{'defense':<18} {'signal':<12} {'paper':>20} {'robmia-db':>20} {'diff':>9} {'AUC':>7} {'TPR@0.1%':>9}"
+    )
     for defense, (benign, adversarial) in PAPER.items():
         for signal, paper_value in (("benign", benign), ("adversarial", adversarial)):
             row = ours[(defense, signal)]
             diff = abs(row["balanced_accuracy"] - paper_value)
             worst = max(worst, diff)
-            results.append({"defense": defense, "signal": signal, "paper": paper_value, "ours": row["balanced_accuracy"], "diff": diff, "auc": row["auc"], "tpr_at_fpr_1e3": row["tpr_at_fpr_1e3"]})
+            results.append(
+                {
+                    "defense": defense,
+                    "signal": signal,
+                    "paper": paper_value,
+                    "ours": row["balanced_accuracy"],
+                    "diff": diff,
+                    "auc": row["auc"],
+                    "tpr_at_fpr_1e3": row["tpr_at_fpr_1e3"],
+                }
+            )
             print(
                 f"{defense:<18} {signal:<12} {paper_value:>20.16f} {row['balanced_accuracy']:>20.16f} {diff:>9.1e} "
                 f"{row['auc']:>7.4f} {row['tpr_at_fpr_1e3']:>9.4f}"
             )
     ok = worst <= TOLERANCE
-    print(f"\nlargest difference {worst:.2e} (tolerance {TOLERANCE:g}): {'all 14 reproduced' if ok else 'MISMATCH'}")
+    print(
+        f"\nlargest difference {worst:.2e} (tolerance {TOLERANCE:g}): {'all 14 reproduced' if ok else 'MISMATCH'}"
+    )
     print(f"import {imported:.2f} s, scoring {scored:.2f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"max_abs_diff": worst, "ok": ok, "rows": results, "import_s": imported, "score_s": scored}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"max_abs_diff": worst, "ok": ok, "rows": results, "import_s": imported, "score_s": scored},
+            indent=2,
+        )
+    )
     return 0 if ok else 1
 
 

@@ -24,9 +24,10 @@ import importlib.util
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from robmia_db.errors import AttackDefinitionError
 
@@ -70,7 +71,9 @@ class AttackDefinition:
     def with_params(self, overrides: dict[str, Any]) -> AttackDefinition:
         unknown = sorted(set(overrides) - set(self.params))
         if unknown:
-            raise AttackDefinitionError(self.path, f"unknown parameter {unknown[0]!r} (declared: {sorted(self.params)})")
+            raise AttackDefinitionError(
+                self.path, f"unknown parameter {unknown[0]!r} (declared: {sorted(self.params)})"
+            )
         clone = AttackDefinition(**{**self.__dict__, "params": {**self.params, **overrides}})
         return clone
 
@@ -101,7 +104,9 @@ def used_params(sql: str) -> set[str]:
 def _check_header(path: str, header: dict[str, Any], language: str) -> tuple[list[str], dict[str, Any]]:
     unknown = sorted(set(header) - HEADER_KEYS)
     if unknown:
-        raise AttackDefinitionError(path, f"unknown header key {unknown[0]!r} (allowed: {', '.join(sorted(HEADER_KEYS))})")
+        raise AttackDefinitionError(
+            path, f"unknown header key {unknown[0]!r} (allowed: {', '.join(sorted(HEADER_KEYS))})"
+        )
     if "title" not in header:
         raise AttackDefinitionError(path, "header has no `title`")
     needs = header.get("needs")
@@ -113,7 +118,9 @@ def _check_header(path: str, header: dict[str, Any], language: str) -> tuple[lis
         raise AttackDefinitionError(path, "`needs` must be a non-empty list of strings")
     bad = [n for n in needs if n not in KNOWN_NEEDS]
     if bad:
-        raise AttackDefinitionError(path, f"`needs` has unknown entry {bad[0]!r} (known: {', '.join(KNOWN_NEEDS)})")
+        raise AttackDefinitionError(
+            path, f"`needs` has unknown entry {bad[0]!r} (known: {', '.join(KNOWN_NEEDS)})"
+        )
     if "signal" in needs and any(n in KIND_NEEDS for n in needs):
         raise AttackDefinitionError(path, '`needs` mixes "signal" with specific kinds; use one or the other')
     params = header.get("params", {})

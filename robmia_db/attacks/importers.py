@@ -46,10 +46,16 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _check_labels(path: Path, key: str, labels: np.ndarray, n_classes: int) -> np.ndarray:
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        if labels.ndim == 1 and np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)):
+        if (
+            labels.ndim == 1
+            and np.issubdtype(labels.dtype, np.floating)
+            and np.all(labels == np.round(labels))
+        ):
             labels = labels.astype(np.int64)
         else:
-            raise ImportDataError(f"{path}: {key}: labels must be a 1-D integer array (got {labels.dtype}{labels.shape})")
+            raise ImportDataError(
+                f"{path}: {key}: labels must be a 1-D integer array (got {labels.dtype}{labels.shape})"
+            )
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ImportDataError(
             f"{path}: {key}: labels must be in [0, {n_classes}) (got {labels.min()}..{labels.max()})"
@@ -101,7 +107,9 @@ def read_ccs2019(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any
         test = _check_matrix(path, f"output_test_{name}", data[f"output_test_{name}"], n_test, True)
         if train.shape[1] != n_classes or test.shape[1] != n_classes:
             raise ImportDataError(f"{path}: output_*_{name}: class counts differ between arrays")
-        perturbations.append({"name": name, "kind": kind, "probs": np.concatenate([train, test]), "eps": None})
+        perturbations.append(
+            {"name": name, "kind": kind, "probs": np.concatenate([train, test]), "eps": None}
+        )
     labels = np.concatenate([train_labels, test_labels])
     is_member = np.concatenate([np.ones(n_train, bool), np.zeros(n_test, bool)])
     return labels, is_member, perturbations
@@ -111,7 +119,9 @@ def read_generic_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str,
     data = _load_npz(path)
     for key in ("labels", "is_member"):
         if key not in data:
-            raise ImportDataError(f"{path}: missing array {key!r} (see `robmia-db import --help` for the layout)")
+            raise ImportDataError(
+                f"{path}: missing array {key!r} (see `robmia-db import --help` for the layout)"
+            )
     is_member = data["is_member"]
     if is_member.ndim != 1 or is_member.dtype != bool:
         if is_member.ndim == 1 and set(np.unique(is_member).tolist()) <= {0, 1}:
@@ -136,9 +146,13 @@ def read_generic_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str,
             raise ImportDataError(f"{path}: {key}: has {values.shape[1]} classes, others have {n_classes}")
         kind = str(data[f"kind__{name}"]) if f"kind__{name}" in data else _kind_from_name(name)
         if kind not in ("benign", "adversarial", "verified"):
-            raise ImportDataError(f"{path}: kind__{name}: must be benign, adversarial or verified (got {kind!r})")
+            raise ImportDataError(
+                f"{path}: kind__{name}: must be benign, adversarial or verified (got {kind!r})"
+            )
         eps = float(data[f"eps__{name}"]) if f"eps__{name}" in data else None
-        perturbations.append({"name": name, "kind": kind, ("probs" if is_probs else "logits"): values, "eps": eps})
+        perturbations.append(
+            {"name": name, "kind": kind, ("probs" if is_probs else "logits"): values, "eps": eps}
+        )
     labels = _check_labels(path, "labels", data["labels"], int(n_classes))
     if len(labels) != n:
         raise ImportDataError(f"{path}: labels has {len(labels)} rows, is_member has {n}")
@@ -175,7 +189,11 @@ def import_outputs(
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     model_name = name or path.stem
     model_key = content_key({"imported": digest, "format": fmt})
-    n_classes = int((perturbations[0].get("probs") if "probs" in perturbations[0] else perturbations[0]["logits"]).shape[1])
+    n_classes = int(
+        (perturbations[0].get("probs") if "probs" in perturbations[0] else perturbations[0]["logits"]).shape[
+            1
+        ]
+    )
     dataset_name = dataset or f"imported:{model_name}"
     records = []
     for item in perturbations:
@@ -186,7 +204,11 @@ def import_outputs(
         else:
             columns = signals_from_logits(item["logits"], labels)
         table = signal_table(signal_key, model_key, example_ids, labels, is_member, columns)
-        records.append(ingest.PerturbationRecord(signal_key, model_key, item["name"], item["kind"], item["eps"], settings, table))
+        records.append(
+            ingest.PerturbationRecord(
+                signal_key, model_key, item["name"], item["kind"], item["eps"], settings, table
+            )
+        )
     record = ingest.ModelRecord(
         model_key=model_key, model_name=model_name, experiment=experiment, origin="imported", dataset=dataset_name,
         defense=defense, membership_scheme="imported", n_members=int(is_member.sum()),
@@ -194,7 +216,9 @@ def import_outputs(
         config={"imported_from": str(path), "sha256": digest, "format": fmt},
         finished_at=datetime.now(timezone.utc),
     )  # fmt: skip
-    membership = pa.table({"example_id": pa.array(example_ids.astype(np.int32)), "is_member": pa.array(is_member)})
+    membership = pa.table(
+        {"example_id": pa.array(example_ids.astype(np.int32)), "is_member": pa.array(is_member)}
+    )
     examples = pa.table(
         {
             "example_id": pa.array(example_ids.astype(np.int32)),

@@ -44,7 +44,9 @@ class AttackRegistry:
 
     def get(self, name: str) -> AttackDefinition:
         if name not in self.attacks:
-            raise AttackDefinitionError(None, f"unknown attack {name!r} (known: {', '.join(sorted(self.attacks))})")
+            raise AttackDefinitionError(
+                None, f"unknown attack {name!r} (known: {', '.join(sorted(self.attacks))})"
+            )
         return self.attacks[name]
 
     def __iter__(self):

@@ -41,7 +41,9 @@ class ScoreUnit:
     references: list[str] = field(default_factory=list)
 
     def inputs_key(self, reference_signal_keys: list[str]) -> str:
-        payload = json.dumps({"signals": sorted(self.signal_keys), "references": sorted(reference_signal_keys)})
+        payload = json.dumps(
+            {"signals": sorted(self.signal_keys), "references": sorted(reference_signal_keys)}
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -50,7 +52,9 @@ class AttackOutcome:
     attack: AttackDefinition
     scored: int = 0
     cached: int = 0
-    skipped: list[tuple[str, str | None, str]] = field(default_factory=list)  # model_name, perturbation, reason
+    skipped: list[tuple[str, str | None, str]] = field(
+        default_factory=list
+    )  # model_name, perturbation, reason
     seconds: float = 0.0
 
 
@@ -60,8 +64,11 @@ class ScoreReporter(Protocol):
 
 
 class SilentScoreReporter:
-    def attack_started(self, attack, n_units): pass
-    def attack_finished(self, outcome): pass
+    def attack_started(self, attack, n_units):
+        pass
+
+    def attack_finished(self, outcome):
+        pass
 
 
 @dataclass
@@ -76,12 +83,18 @@ def _read_state(con: duckdb.DuckDBPyConnection) -> StoreState:
         row["model_key"]: row
         for row in con.sql(
             "SELECT model_key, model_name, dataset, config, status FROM v_models WHERE status = 'completed'"
-        ).to_arrow_table().to_pylist()
+        )
+        .to_arrow_table()
+        .to_pylist()
     }
     perturbations: dict[str, list[dict[str, Any]]] = {}
-    for row in con.sql(
-        "SELECT model_key, perturbation, kind, signal_key, eps FROM v_perturbations ORDER BY model_key, perturbation"
-    ).to_arrow_table().to_pylist():
+    for row in (
+        con.sql(
+            "SELECT model_key, perturbation, kind, signal_key, eps FROM v_perturbations ORDER BY model_key, perturbation"
+        )
+        .to_arrow_table()
+        .to_pylist()
+    ):
         perturbations.setdefault(row["model_key"], []).append(row)
     existing = {
         (r[0], r[1], r[2]): r[3]
@@ -117,7 +130,10 @@ def reference_models(state: StoreState) -> dict[str, list[str]]:
         references[key] = sorted(
             other
             for other, (other_recipe, other_membership) in keys.items()
-            if other != key and recipe is not None and other_recipe == recipe and other_membership != membership
+            if other != key
+            and recipe is not None
+            and other_recipe == recipe
+            and other_membership != membership
         )
     return references
 
@@ -264,17 +280,22 @@ def _as_arrow(result: Any, path: str) -> pa.Table:
         pass
     if isinstance(result, dict):
         return pa.table(result)
-    raise AttackDefinitionError(path, f"score() returned {type(result).__name__}; return an Arrow table or DataFrame")
+    raise AttackDefinitionError(
+        path, f"score() returned {type(result).__name__}; return an Arrow table or DataFrame"
+    )
 
 
 def _validate_result(table: pa.Table, attack: AttackDefinition, expected: dict[str, int]) -> pa.Table:
     if sorted(table.column_names) != sorted(RESULT_COLUMNS) or table.num_columns != 3:
         raise AttackDefinitionError(
-            attack.path, f"must return exactly (model_key, example_id, score); got ({', '.join(table.column_names)})"
+            attack.path,
+            f"must return exactly (model_key, example_id, score); got ({', '.join(table.column_names)})",
         )
     table = table.select(list(RESULT_COLUMNS))
     try:
-        table = table.cast(pa.schema([("model_key", pa.string()), ("example_id", pa.int32()), ("score", pa.float64())]))
+        table = table.cast(
+            pa.schema([("model_key", pa.string()), ("example_id", pa.int32()), ("score", pa.float64())])
+        )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise AttackDefinitionError(attack.path, f"result columns have wrong types: {exc}") from None
     keys = table.column("model_key").to_numpy(zero_copy_only=False)
@@ -290,7 +311,9 @@ def _validate_result(table: pa.Table, attack: AttackDefinition, expected: dict[s
             )
     extra = set(got) - set(expected)
     if extra:
-        raise AttackDefinitionError(attack.path, f"returned scores for a model it was not asked to score ({sorted(extra)[0]})")
+        raise AttackDefinitionError(
+            attack.path, f"returned scores for a model it was not asked to score ({sorted(extra)[0]})"
+        )
     order = np.lexsort((ids, keys))
     sorted_keys, sorted_ids = keys[order], ids[order]
     if len(ids) > 1 and np.any((sorted_keys[1:] == sorted_keys[:-1]) & (sorted_ids[1:] == sorted_ids[:-1])):
@@ -298,7 +321,12 @@ def _validate_result(table: pa.Table, attack: AttackDefinition, expected: dict[s
     return table
 
 
-def _run_units(con: duckdb.DuckDBPyConnection, attack: AttackDefinition, units: list[ScoreUnit], counts: dict[tuple[str, str], int]) -> pa.Table:
+def _run_units(
+    con: duckdb.DuckDBPyConnection,
+    attack: AttackDefinition,
+    units: list[ScoreUnit],
+    counts: dict[tuple[str, str], int],
+) -> pa.Table:
     """Score a batch of units sharing one perturbation name; returns (model_key, perturbation, example_id, score)."""
     con.register("_units", _units_table(units))
     con.register("_references", _references_table(units))
@@ -310,7 +338,9 @@ def _run_units(con: duckdb.DuckDBPyConnection, attack: AttackDefinition, units: 
             relation = con.sql(attack.sql, params=params) if params else con.sql(attack.sql)
             table = relation.to_arrow_table()
         except duckdb.Error as exc:
-            raise AttackDefinitionError(attack.path, f"SQL failed: {str(exc).strip().splitlines()[0]}") from None
+            raise AttackDefinitionError(
+                attack.path, f"SQL failed: {str(exc).strip().splitlines()[0]}"
+            ) from None
     else:
         try:
             result = attack.function(AttackContext(con, units, dict(attack.params)), dict(attack.params))
@@ -320,11 +350,16 @@ def _run_units(con: duckdb.DuckDBPyConnection, attack: AttackDefinition, units: 
             raise AttackDefinitionError(attack.path, f"score() raised {type(exc).__name__}: {exc}") from None
         table = _as_arrow(result, attack.path)
     table = _validate_result(table, attack, expected)
-    return table.append_column("perturbation", pa.repeat(pa.scalar(units[0].perturbation, pa.string()), table.num_rows))
+    return table.append_column(
+        "perturbation", pa.repeat(pa.scalar(units[0].perturbation, pa.string()), table.num_rows)
+    )
 
 
 def _example_counts(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], int]:
-    return {(r[0], r[1]): int(r[2]) for r in con.execute("SELECT model_key, perturbation, n_rows FROM v_perturbations").fetchall()}
+    return {
+        (r[0], r[1]): int(r[2])
+        for r in con.execute("SELECT model_key, perturbation, n_rows FROM v_perturbations").fetchall()
+    }
 
 
 def _write_results(
@@ -369,7 +404,8 @@ def _write_results(
         if all_scores is not None and all_scores.num_rows:
             con.register("_new_scores", all_scores)
             con.execute(
-                "INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM _new_scores", [attack_key]
+                "INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM _new_scores",
+                [attack_key],
             )
             metrics = compute_metrics(
                 con,
@@ -416,10 +452,16 @@ def calibrate_thresholds(db_path: Path, attack_keys: list[str] | None = None) ->
     if rows.num_rows == 0:
         return 0
     frame = rows.to_pandas()
-    groups = {key: group for key, group in frame.groupby(["attack_key", "model_key", "perturbation"], sort=False)}
+    groups = {
+        key: group for key, group in frame.groupby(["attack_key", "model_key", "perturbation"], sort=False)
+    }
     updates = []
     for (attack_key, model_key, perturbation), group in groups.items():
-        refs = [groups[(attack_key, ref, perturbation)] for ref in references.get(model_key, []) if (attack_key, ref, perturbation) in groups]
+        refs = [
+            groups[(attack_key, ref, perturbation)]
+            for ref in references.get(model_key, [])
+            if (attack_key, ref, perturbation) in groups
+        ]
         if not refs:
             continue
         pooled_scores = np.concatenate([r["score"].to_numpy(dtype=float) for r in refs])
@@ -485,44 +527,47 @@ def score_attacks(
     if params:
         selected = [a.with_params({k: v for k, v in params.items() if k in a.params}) for a in selected]
     outcomes: list[AttackOutcome] = []
+    with reading(db_path) as con:
+        state = _read_state(con)
+        recorded_skips = {
+            (r[0], r[1], r[2], r[3])
+            for r in con.execute("SELECT attack_key, model_key, perturbation, reason FROM attack_skips").fetchall()
+        }
+    references = reference_models(state)
+    names = {row["model_name"]: key for key, row in state.models.items()}
+    model_filter = {names.get(m, m) for m in models} if models else None
     for attack in selected:
         started = time.perf_counter()
         outcome = AttackOutcome(attack)
-        with reading(db_path) as con:
-            state = _read_state(con)
-            references = reference_models(state)
-            model_filter = None
-            if models:
-                by_name = {row["model_name"]: key for key, row in state.models.items()}
-                model_filter = {by_name.get(m, m) for m in models}
-            units, skipped = plan_units(attack, state, references, model_filter)
-            outcome.skipped = skipped
-            inputs_keys: dict[tuple[str, str], str] = {}
-            todo: list[ScoreUnit] = []
-            attack_key = attack.attack_key
-            for unit in units:
-                ref_keys = [
-                    k for ref in unit.references for k in _signal_keys_of(state, ref, list(unit.inputs.values()))
-                ]
-                key = unit.inputs_key(ref_keys)
-                inputs_keys[(unit.model_key, unit.perturbation)] = key
-                if not force and state.existing.get((attack_key, unit.model_key, unit.perturbation)) == key:
-                    outcome.cached += 1
-                else:
-                    todo.append(unit)
-            reporter.attack_started(attack, len(todo))
-            counts = _example_counts(con)
-            results: list[pa.Table] = []
-            if todo:
+        units, skipped = plan_units(attack, state, references, model_filter)
+        outcome.skipped = skipped
+        inputs_keys: dict[tuple[str, str], str] = {}
+        todo: list[ScoreUnit] = []
+        attack_key = attack.attack_key
+        for unit in units:
+            ref_keys = [
+                k for ref in unit.references for k in _signal_keys_of(state, ref, list(unit.inputs.values()))
+            ]
+            key = unit.inputs_key(ref_keys)
+            inputs_keys[(unit.model_key, unit.perturbation)] = key
+            if not force and state.existing.get((attack_key, unit.model_key, unit.perturbation)) == key:
+                outcome.cached += 1
+            else:
+                todo.append(unit)
+        reporter.attack_started(attack, len(todo))
+        results: list[pa.Table] = []
+        if todo:
+            with reading(db_path) as con:
+                counts = _example_counts(con)
                 _prepare_relations(con, attack)
                 _sandbox(con)
-                by_perturbation: dict[tuple, list[ScoreUnit]] = {}
+                by_inputs: dict[tuple, list[ScoreUnit]] = {}
                 for unit in todo:
-                    by_perturbation.setdefault(tuple(sorted(unit.inputs.items())), []).append(unit)
-                for group in by_perturbation.values():
+                    by_inputs.setdefault(tuple(sorted(unit.inputs.items())), []).append(unit)
+                for group in by_inputs.values():
                     results.append(_run_units(con, attack, group, counts))
-        if todo or skipped:
-            names = {row["model_name"]: key for key, row in state.models.items()}
+        new_skips = {(attack_key, names[m], p, r) for m, p, r in skipped} - recorded_skips
+        if todo or new_skips:
             _write_results(
                 db_path, attack, todo, inputs_keys, results, skipped, names, time.perf_counter() - started
             )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from robmia_db.cli.base import main
 from robmia_db.cli import core_cmd  # noqa: F401  (check, run, sql, models)
+from robmia_db.cli.base import main
 
 for _module in ("attacks_cmd", "report_cmd", "data_cmd"):
     try:

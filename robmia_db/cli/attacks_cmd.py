@@ -8,8 +8,12 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
 
 
 @main.command("attacks")
-@click.option("--attacks", "attack_paths", multiple=True, type=click.Path(), help="Extra attack files or folders.")
-@click.option("--verbose", "-v", is_flag=True, help="Show each attack's needs, params, paper and description.")
+@click.option(
+    "--attacks", "attack_paths", multiple=True, type=click.Path(), help="Extra attack files or folders."
+)
+@click.option(
+    "--verbose", "-v", is_flag=True, help="Show each attack's needs, params, paper and description."
+)
 @handle_errors
 def attacks_command(attack_paths: tuple[str, ...], verbose: bool) -> None:
     """List built-in and user attacks with their titles.
@@ -33,14 +37,25 @@ def attacks_command(attack_paths: tuple[str, ...], verbose: bool) -> None:
 
 
 @main.command("score")
-@click.option("--attack", "attack_names", multiple=True, metavar="NAME|PATH", help="Attack to score (repeatable).")
-@click.option("--attacks", "attack_paths", multiple=True, type=click.Path(), help="Register extra attack files/folders.")
+@click.option(
+    "--attack", "attack_names", multiple=True, metavar="NAME|PATH", help="Attack to score (repeatable)."
+)
+@click.option(
+    "--attacks", "attack_paths", multiple=True, type=click.Path(), help="Register extra attack files/folders."
+)
+@click.option(
+    "--spec",
+    "spec_paths",
+    multiple=True,
+    type=click.Path(),
+    help="Take attack names and paths from these specs' [attacks] sections.",
+)
 @click.option("--model", "model_names", multiple=True, help="Only these models (name or key; repeatable).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Override an attack parameter.")
 @click.option("--force", is_flag=True, help="Recompute even where cached scores are current.")
 @db_option
 @handle_errors
-def score_command(attack_names, attack_paths, model_names, params, force) -> None:
+def score_command(attack_names, attack_paths, spec_paths, model_names, params, force) -> None:
     """Score attacks on every stored model, once per perturbation; only missing or stale pairs run.
 
     Example: robmia-db score --attack confidence --attack my_attacks/gap.sql
@@ -72,13 +87,21 @@ def score_command(attack_names, attack_paths, model_names, params, force) -> Non
             for reason in reasons:
                 click.echo(f"  skipped: {reason}")
 
+    attack_names, attack_paths = list(attack_names), list(attack_paths)
+    if spec_paths:
+        from robmia_db.spec import load_specs
+
+        for item in load_specs(list(spec_paths)):
+            attack_paths += [str((item.path.parent / p).resolve()) for p in item.spec.attacks.paths]
+            if not attack_names:
+                attack_names += [n for n in item.spec.attacks.names if n not in attack_names]
     outcomes = score_attacks(
-        get_state().db_path, list(attack_names) or None, list(attack_paths), overrides, force,
+        get_state().db_path, attack_names or None, attack_paths, overrides, force,
         list(model_names) or None, Echo(),
     )  # fmt: skip
     click.echo(
         f"{sum(o.scored for o in outcomes)} (attack, model, perturbation) scored; "
-        "see v_metrics: robmia-db sql \"SELECT model_name, attack, perturbation, balanced_accuracy, auc FROM v_metrics\""
+        'see v_metrics: robmia-db sql "SELECT model_name, attack, perturbation, balanced_accuracy, auc FROM v_metrics"'
     )
 
 
@@ -86,8 +109,12 @@ def score_command(attack_names, attack_paths, model_names, params, force) -> Non
 @click.argument("path", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["ccs2019", "npz"]), required=True, help="Input layout.")
 @click.option("--name", help="Model name (default: the file's stem).")
-@click.option("--experiment", default="imported", show_default=True, help="Experiment to file the model under.")
-@click.option("--dataset", help="Dataset name (models of one dataset can be reference models for each other).")
+@click.option(
+    "--experiment", default="imported", show_default=True, help="Experiment to file the model under."
+)
+@click.option(
+    "--dataset", help="Dataset name (models of one dataset can be reference models for each other)."
+)
 @click.option("--defense", help="Defense label for reports (e.g. pgd_at).")
 @db_option
 @handle_errors

@@ -36,7 +36,9 @@ def check_command(specs: tuple[str, ...], expand: bool) -> None:
 @db_option
 @click.option("--dry-run", is_flag=True, help="Validate and show what would be trained, without training.")
 @click.option("--threads", type=click.IntRange(1, 256), help="torch threads (default: the spec's, else 1).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the spec's runtime.device.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the spec's runtime.device."
+)
 @handle_errors
 def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, device: str | None) -> None:
     """Train what the store lacks and record per-sample signals; skip what exists.
@@ -45,6 +47,10 @@ def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, devi
 
     Example: robmia-db run specs/quickstart.toml --db robmia.duckdb
     """
+    from robmia_db.spec import load_specs
+
+    load_specs(list(specs))  # report spec errors before paying for the torch import
+
     from robmia_db.cli.progress import RichReporter, print_summary
     from robmia_db.runner.executor import run_specs
 
@@ -62,9 +68,13 @@ def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, devi
 @main.command("sql")
 @click.argument("query")
 @db_option
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+)
 @click.option("--max-rows", type=int, default=200, show_default=True, help="Rows shown by --format table.")
-@click.option("--timeout", type=float, default=15.0, show_default=True, help="Seconds to wait for a busy store.")
+@click.option(
+    "--timeout", type=float, default=15.0, show_default=True, help="Seconds to wait for a busy store."
+)
 @handle_errors
 def sql_command(query: str, fmt: str, max_rows: int, timeout: float) -> None:
     """Run read-only SQL on the store (views: v_models, v_signals, v_perturbations, ...).
@@ -80,7 +90,9 @@ def sql_command(query: str, fmt: str, max_rows: int, timeout: float) -> None:
 @main.command("models")
 @db_option
 @click.option("--experiment", help="Only models of this experiment.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+)
 @handle_errors
 def models_command(experiment: str | None, fmt: str) -> None:
     """List stored models with their accuracies (benign, adversarial, verified).

@@ -59,7 +59,9 @@ class RichReporter:
     def epoch_done(self, job, epoch, epochs, stats) -> None:
         extra = f" eps {stats['eps']:.3g}" if "eps" in stats else ""
         if self.step_task is not None:
-            self.progress.update(self.step_task, advance=1, status=f"epoch {epoch}/{epochs} loss {stats['loss']:.4f}{extra}")
+            self.progress.update(
+                self.step_task, advance=1, status=f"epoch {epoch}/{epochs} loss {stats['loss']:.4f}{extra}"
+            )
         if not self.live and (epoch == epochs or epoch % max(1, epochs // 5) == 0):
             console.print(f"    epoch {epoch}/{epochs} loss {stats['loss']:.4f}{extra}")
 
@@ -90,7 +92,7 @@ def print_summary(summary, dry_run: bool = False) -> None:
         benign = next((p.name for p in job.perturbations if p.kind == "benign"), None)
         adversarial = next((p.name for p in job.perturbations if p.kind == "adversarial"), None)
 
-        def fmt(name, side):
+        def fmt(name, side, accs=accs):
             value = accs.get(f"{name}_{side}_acc") if name else None
             return f"{value:.3f}" if value is not None else "-"
 

@@ -34,7 +34,10 @@ class MembershipSplit:
 
     def table(self) -> pa.Table:
         return pa.table(
-            {"example_id": pa.array(self.evaluated_ids.astype(np.int32)), "is_member": pa.array(self.is_member)}
+            {
+                "example_id": pa.array(self.evaluated_ids.astype(np.int32)),
+                "is_member": pa.array(self.is_member),
+            }
         )
 
 
@@ -60,7 +63,9 @@ def split_membership(dataset: LoadedDataset, identity: dict[str, Any]) -> Member
 
     if membership["scheme"] == "random_halves":
         population = np.sort(np.concatenate([train_pool, test_pool]))
-        population = _subset(population, membership.get("population"), np.random.default_rng([seed, 1]), "population")
+        population = _subset(
+            population, membership.get("population"), np.random.default_rng([seed, 1]), "population"
+        )
         order = np.random.default_rng([seed, 2, int(membership["model_index"])]).permutation(len(population))
         half = len(population) // 2
         return MembershipSplit(np.sort(population[order[:half]]), np.sort(population[order[half:]]))

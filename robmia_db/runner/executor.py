@@ -21,9 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from robmia_db.datasets import LoadedDataset, load_dataset
 from robmia_db.errors import RobmiaError, SpecError, SpecErrors
@@ -43,16 +41,27 @@ class Reporter(Protocol):
     def plan(self, jobs: list[ModelJob], actions: dict[str, str]) -> None: ...
     def model_started(self, job: ModelJob, index: int, total: int, action: str) -> None: ...
     def epoch_done(self, job: ModelJob, epoch: int, epochs: int, stats: dict[str, float]) -> None: ...
-    def perturbation_started(self, job: ModelJob, perturbation: PerturbationJob, index: int, total: int) -> None: ...
+    def perturbation_started(
+        self, job: ModelJob, perturbation: PerturbationJob, index: int, total: int
+    ) -> None: ...
     def model_finished(self, outcome: ModelOutcome) -> None: ...
 
 
 class SilentReporter:
-    def plan(self, jobs, actions): pass
-    def model_started(self, job, index, total, action): pass
-    def epoch_done(self, job, epoch, epochs, stats): pass
-    def perturbation_started(self, job, perturbation, index, total): pass
-    def model_finished(self, outcome): pass
+    def plan(self, jobs, actions):
+        pass
+
+    def model_started(self, job, index, total, action):
+        pass
+
+    def epoch_done(self, job, epoch, epochs, stats):
+        pass
+
+    def perturbation_started(self, job, perturbation, index, total):
+        pass
+
+    def model_finished(self, outcome):
+        pass
 
 
 @dataclass
@@ -114,6 +123,13 @@ class DatasetCache:
 
     def __init__(self) -> None:
         self._cache: dict[tuple, LoadedDataset] = {}
+        self._checksums: dict[int, str] = {}
+
+    def checksum(self, dataset: LoadedDataset) -> str:
+        """sha256 of what was read, once per dataset per run (recorded with every model trained on it)."""
+        if id(dataset) not in self._checksums:
+            self._checksums[id(dataset)] = dataset.checksum()
+        return self._checksums[id(dataset)]
 
     def get(self, job: ModelJob) -> LoadedDataset:
         options = job.identity["dataset"].get("options") or {}
@@ -146,7 +162,11 @@ def preflight(loaded: list[LoadedSpec], datasets: DatasetCache) -> None:
             try:
                 with torch.device("meta"):
                     model = build_model(
-                        job.arch, dataset.input_shape, dataset.n_classes, job.width, job.identity["model"]["options"]
+                        job.arch,
+                        dataset.input_shape,
+                        dataset.n_classes,
+                        job.width,
+                        job.identity["model"]["options"],
                     )
             except RobmiaError as exc:
                 errors.append(SpecError(item.path, "model", str(exc)))
@@ -182,7 +202,10 @@ def _make_optimizer(model: torch.nn.Module, identity: dict[str, Any]):
     config = identity["training"]["optimizer"]
     if config["name"] == "sgd":
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+            model.parameters(),
+            lr=config["lr"],
+            momentum=config["momentum"],
+            weight_decay=config["weight_decay"],
         )
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
@@ -209,7 +232,9 @@ def train_model(
     identity = job.identity
     training = identity["training"]
     torch.manual_seed(training["seed"])
-    model = build_model(job.arch, dataset.input_shape, dataset.n_classes, job.width, identity["model"]["options"])
+    model = build_model(
+        job.arch, dataset.input_shape, dataset.n_classes, job.width, identity["model"]["options"]
+    )
     model = model.to(device)
     defense = build_defense(job.defense, training["params"], training["eps"])
     optimizer, scheduler = _make_optimizer(model, identity)
@@ -257,7 +282,11 @@ def train_model(
         stats.update(defense.describe_epoch(TrainProgress(epoch, step, steps_per_epoch, epochs)))
         history.append(stats)
         reporter.epoch_done(job, epoch + 1, epochs, stats)
-        if partial_path is not None and epoch + 1 < epochs and time.monotonic() - last_save > PARTIAL_SAVE_INTERVAL_S:
+        if (
+            partial_path is not None
+            and epoch + 1 < epochs
+            and time.monotonic() - last_save > PARTIAL_SAVE_INTERVAL_S
+        ):
             _save_partial(partial_path, job, model, optimizer, scheduler, order, epoch, history)
             last_save = time.monotonic()
     return model.eval(), history
@@ -355,7 +384,7 @@ def execute_job(
     model_record = _model_record(
         job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device
     )
-    model_record.dataset_checksum = None
+    model_record.dataset_checksum = datasets.checksum(dataset)
     with writing(db_path) as con:
         ingest.write_model(
             con,
@@ -391,11 +420,15 @@ def run_specs(
         for job in item.jobs:
             if job.model_key in seen:
                 known = {p.signal_key for p in seen[job.model_key].perturbations}
-                seen[job.model_key].perturbations += [p for p in job.perturbations if p.signal_key not in known]
+                seen[job.model_key].perturbations += [
+                    p for p in job.perturbations if p.signal_key not in known
+                ]
                 continue
             seen[job.model_key] = job
             jobs.append(job)
-    thread_count = threads or next((item.spec.runtime.threads for item in loaded if item.spec.runtime.threads), None)
+    thread_count = threads or next(
+        (item.spec.runtime.threads for item in loaded if item.spec.runtime.threads), None
+    )
     torch.set_num_threads(thread_count or 1)
     torch_device = resolve_device(device or loaded[0].spec.runtime.device)
 
@@ -415,7 +448,11 @@ def run_specs(
         with writing(db_path) as con:
             for item in loaded:
                 ingest.upsert_experiment(
-                    con, item.spec.experiment.name, item.spec.experiment.description, str(item.path), item.text
+                    con,
+                    item.spec.experiment.name,
+                    item.spec.experiment.description,
+                    str(item.path),
+                    item.text,
                 )
             for job in jobs:
                 if job.model_key in existing:
@@ -448,15 +485,3 @@ def run_specs(
             reporter.model_finished(outcome)
             outcomes.append(outcome)
     return RunSummary(db_path, outcomes)
-
-
-def evaluate_accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    """Plain accuracy on numpy data, for tests and notebooks."""
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(x))
-    return float((logits.argmax(1).numpy() == y).mean())
-
-
-def cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)

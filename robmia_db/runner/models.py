@@ -7,8 +7,9 @@ layers. Checkpoints are state_dicts plus the few facts needed to rebuild the net
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,9 @@ def _channels(base: int, width: float) -> int:
     return max(1, int(round(base * width)))
 
 
-def mlp(input_shape: tuple[int, int, int], n_classes: int, width: float = 1.0, **options: Any) -> nn.Sequential:
+def mlp(
+    input_shape: tuple[int, int, int], n_classes: int, width: float = 1.0, **options: Any
+) -> nn.Sequential:
     """Flatten -> 256w -> ReLU -> 128w -> ReLU -> classes."""
     hidden = options.pop("hidden", [256, 128])
     _refuse_options("mlp", options)
@@ -34,7 +37,9 @@ def mlp(input_shape: tuple[int, int, int], n_classes: int, width: float = 1.0, *
     return nn.Sequential(*layers)
 
 
-def cnn(input_shape: tuple[int, int, int], n_classes: int, width: float = 1.0, **options: Any) -> nn.Sequential:
+def cnn(
+    input_shape: tuple[int, int, int], n_classes: int, width: float = 1.0, **options: Any
+) -> nn.Sequential:
     """Conv3x3(16w) -> ReLU -> Conv4x4 s2 (32w) -> ReLU -> FC 100w -> ReLU -> classes (paper.md section 10)."""
     _refuse_options("cnn", options)
     channels, height, width_px = input_shape
@@ -76,10 +81,16 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(
-    arch: str, input_shape: tuple[int, int, int], n_classes: int, width: float = 1.0, options: dict | None = None
+    arch: str,
+    input_shape: tuple[int, int, int],
+    n_classes: int,
+    width: float = 1.0,
+    options: dict | None = None,
 ) -> nn.Module:
     if arch not in ARCHITECTURES:
-        raise ModelDefinitionError(f"unknown architecture {arch!r} (known: {', '.join(sorted(ARCHITECTURES))})")
+        raise ModelDefinitionError(
+            f"unknown architecture {arch!r} (known: {', '.join(sorted(ARCHITECTURES))})"
+        )
     return ARCHITECTURES[arch](tuple(input_shape), int(n_classes), width=width, **dict(options or {}))
 
 
@@ -96,6 +107,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     """Rebuild the network and load its weights with weights_only=True (no arbitrary unpickling)."""
     payload = torch.load(path, map_location=device, weights_only=True)
     meta = payload["meta"]
-    model = build_model(meta["arch"], meta["input_shape"], meta["n_classes"], meta["width"], meta.get("options"))
+    model = build_model(
+        meta["arch"], meta["input_shape"], meta["n_classes"], meta["width"], meta.get("options")
+    )
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), meta

@@ -82,7 +82,9 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[
+            kind
+        ]
         bound = next(iter(ctx.values()))
         return f"must be {op} {bound}{shown}"
     if kind == "literal_error":
@@ -119,8 +121,10 @@ def _validation_errors(path: Path, exc: ValidationError, prefix: str = "") -> li
     for error in exc.errors():
         loc = error["loc"]
         # a union of float | "auto" reports each member's failure; report the first only
-        if len(loc) > 0 and isinstance(loc[-1], str) and (
-            loc[-1].startswith("literal[") or loc[-1] in ("float", "int")
+        if (
+            len(loc) > 0
+            and isinstance(loc[-1], str)
+            and (loc[-1].startswith("literal[") or loc[-1] in ("float", "int"))
         ):
             loc = loc[:-1]
         key = prefix + _dotted(tuple(loc))
@@ -164,13 +168,17 @@ def _semantic_errors(path: Path, spec: ExperimentSpec) -> list[SpecError]:
     if spec.data.dataset not in dataset_names():
         errors.append(
             SpecError(
-                path, "data.dataset", f"unknown dataset {spec.data.dataset!r} (known: {', '.join(dataset_names())})"
+                path,
+                "data.dataset",
+                f"unknown dataset {spec.data.dataset!r} (known: {', '.join(dataset_names())})",
             )
         )
     for name, params in spec.defense.items():
         if name not in DEFENSE_PARAMS:
             errors.append(
-                SpecError(path, f"defense.{name}", f"unknown defense (known: {', '.join(sorted(DEFENSE_PARAMS))})")
+                SpecError(
+                    path, f"defense.{name}", f"unknown defense (known: {', '.join(sorted(DEFENSE_PARAMS))})"
+                )
             )
             continue
         try:
@@ -179,10 +187,14 @@ def _semantic_errors(path: Path, spec: ExperimentSpec) -> list[SpecError]:
             errors.extend(_validation_errors(path, exc, prefix=f"defense.{name}."))
     membership = spec.membership
     if membership.scheme == "train_test" and membership.n_models != 1:
-        errors.append(SpecError(path, "membership.n_models", "only random_halves trains a population of models"))
+        errors.append(
+            SpecError(path, "membership.n_models", "only random_halves trains a population of models")
+        )
     if membership.scheme == "random_halves" and (membership.n_members or membership.n_nonmembers):
         errors.append(
-            SpecError(path, "membership.n_members", "random_halves takes population, not n_members/n_nonmembers")
+            SpecError(
+                path, "membership.n_members", "random_halves takes population, not n_members/n_nonmembers"
+            )
         )
     for index, schedule_milestone in enumerate(spec.training.lr_schedule.milestones):
         if schedule_milestone > spec.training.epochs:
@@ -226,7 +238,13 @@ def perturbation_settings(signal: Any, training_eps: float) -> tuple[str, float 
             settings["seed"] = signal.seed
         return "adversarial", eps, settings
     eps = _resolve_eps(signal.eps, training_eps)
-    settings = {"kind": "verified", "method": signal.method, "eps": eps, "clip": [0.0, 1.0], "dtype": "float32"}
+    settings = {
+        "kind": "verified",
+        "method": signal.method,
+        "eps": eps,
+        "clip": [0.0, 1.0],
+        "dtype": "float32",
+    }
     return "verified", eps, settings
 
 
@@ -331,7 +349,9 @@ def load_specs(paths: list[str | Path]) -> list[LoadedSpec]:
         other = names.setdefault(item.spec.experiment.name, item.path)
         if other != item.path:
             errors.append(
-                SpecError(item.path, "experiment.name", f"{item.spec.experiment.name!r} is also the name in {other}")
+                SpecError(
+                    item.path, "experiment.name", f"{item.spec.experiment.name!r} is also the name in {other}"
+                )
             )
     if errors:
         raise SpecErrors(errors)

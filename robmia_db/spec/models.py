@@ -6,7 +6,7 @@ documentation (`robmia-db check --explain` prints them).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -28,7 +28,9 @@ class ExperimentSection(Strict):
 
 
 class DataSection(Strict):
-    dataset: str = Field("digits", description="registry name: digits, mnist, fashion_mnist, cifar10, yale, npz")
+    dataset: str = Field(
+        "digits", description="registry name: digits, mnist, fashion_mnist, cifar10, yale, npz"
+    )
     root: str | None = Field(None, description="folder or file to read the dataset from (else $ROBMIA_DATA)")
     split_seed: int = Field(0, ge=0, description="seed of the member / non-member split")
     n_train: int | None = Field(
@@ -153,7 +155,7 @@ class VerifiedSignal(Strict):
         return value
 
 
-SignalSpec = Annotated[Union[BenignSignal, AdversarialSignal, VerifiedSignal], Field(discriminator="kind")]
+SignalSpec = Annotated[BenignSignal | AdversarialSignal | VerifiedSignal, Field(discriminator="kind")]
 
 
 class AttacksSection(Strict):
@@ -187,5 +189,7 @@ class ExperimentSpec(Strict):
         names = [s.name for s in self.signals]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"signals: name {duplicates[0]!r} is used twice; give each perturbation its own name")
+            raise ValueError(
+                f"signals: name {duplicates[0]!r} is used twice; give each perturbation its own name"
+            )
         return self

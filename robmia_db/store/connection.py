@@ -16,9 +16,9 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 
@@ -115,8 +115,12 @@ def connect(
                 raise StoreError(f"{path} is not a robmia-db store (no schema_version table)")
             con.close()
             # an older store is migrated in a short write session, then reopened read-only
-            connect(path, read_only=False, timeout_s=timeout_s, threads=threads, memory_limit=memory_limit).close()
-            return connect(path, read_only=True, timeout_s=timeout_s, threads=threads, memory_limit=memory_limit)
+            connect(
+                path, read_only=False, timeout_s=timeout_s, threads=threads, memory_limit=memory_limit
+            ).close()
+            return connect(
+                path, read_only=True, timeout_s=timeout_s, threads=threads, memory_limit=memory_limit
+            )
     except BaseException:
         con.close()
         raise
@@ -124,7 +128,9 @@ def connect(
 
 
 @contextlib.contextmanager
-def reading(db_path: str | Path, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs) -> Iterator[duckdb.DuckDBPyConnection]:
+def reading(
+    db_path: str | Path, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short read-only session; closes (and so releases the file) on exit."""
     con = connect(db_path, read_only=True, timeout_s=timeout_s, **kwargs)
     try:

@@ -118,7 +118,9 @@ def upsert_experiment(
     )
 
 
-def rename_model(con: duckdb.DuckDBPyConnection, model_key: str, model_name: str, experiment: str | None) -> None:
+def rename_model(
+    con: duckdb.DuckDBPyConnection, model_key: str, model_name: str, experiment: str | None
+) -> None:
     """Names are metadata: a renamed experiment updates them in place and never retrains."""
     con.execute(
         "UPDATE models SET model_name = ?, experiment = ? WHERE model_key = ? AND (model_name != ? OR experiment IS DISTINCT FROM ?)",

@@ -54,7 +54,9 @@ def format_result(table: pa.Table, fmt: str, max_rows: int = 200) -> str:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([json.dumps(v) if isinstance(v, list) else ("" if v is None else v) for v in row.values()])
+            writer.writerow(
+                [json.dumps(v) if isinstance(v, list) else ("" if v is None else v) for v in row.values()]
+            )
         return out.getvalue()
     if not columns:
         return "(no result)\n"

@@ -258,14 +258,14 @@ def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None
             f"the store has schema version {start}, newer than this robmia-db ({SCHEMA_VERSION}): upgrade robmia-db"
         )
     if start == 0:
-        con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)")
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)"
+        )
     for version in range(start, SCHEMA_VERSION):
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(MIGRATIONS[version])
-            con.execute(
-                "INSERT INTO schema_version VALUES (?, ?)", [version + 1, datetime.now(timezone.utc)]
-            )
+            con.execute("INSERT INTO schema_version VALUES (?, ?)", [version + 1, datetime.now(timezone.utc)])
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")

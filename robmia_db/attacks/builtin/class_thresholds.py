@@ -33,7 +33,9 @@ def score(ctx, params):
 
     signal = params["signal"]
     if signal not in SIGNALS:
-        raise AttackDefinitionError(None, f"class_thresholds: param signal must be one of {sorted(SIGNALS)} (got {signal!r})")
+        raise AttackDefinitionError(
+            None, f"class_thresholds: param signal must be one of {sorted(SIGNALS)} (got {signal!r})"
+        )
     expression = SIGNALS[signal]
     target = ctx.sql(f"SELECT model_key, example_id, label, {expression} AS value FROM target").to_pandas()
     reference = ctx.sql(
@@ -42,13 +44,17 @@ def score(ctx, params):
     pieces = []
     for model_key, rows in target.groupby("model_key", sort=False):
         refs = reference[reference["target_model_key"] == model_key]
-        overall = reference_metrics(refs["value"].to_numpy(float), refs["is_member"].to_numpy(bool))["threshold"]
+        overall = reference_metrics(refs["value"].to_numpy(float), refs["is_member"].to_numpy(bool))[
+            "threshold"
+        ]
         overall = float(overall) if overall is not None else float(refs["value"].max())
         thresholds = {}
         for label, group in refs.groupby("label"):
-            found = reference_metrics(group["value"].to_numpy(float), group["is_member"].to_numpy(bool))["threshold"]
+            found = reference_metrics(group["value"].to_numpy(float), group["is_member"].to_numpy(bool))[
+                "threshold"
+            ]
             thresholds[int(label)] = float(found) if found is not None else overall
-        shift = rows["label"].map(lambda c: thresholds.get(int(c), overall)).to_numpy(float)
+        shift = np.array([thresholds.get(int(c), overall) for c in rows["label"].to_numpy()], dtype=float)
         pieces.append(
             pa.table(
                 {

@@ -28,6 +28,7 @@ def _features(frame) -> np.ndarray:
 
 def score(ctx, params):
     from sklearn.ensemble import HistGradientBoostingClassifier
+    from threadpoolctl import threadpool_limits
 
     target = ctx.sql(f"SELECT model_key, example_id, {FEATURES} FROM target").to_pandas()
     reference = ctx.sql(f"SELECT target_model_key, is_member, {FEATURES} FROM reference").to_pandas()
@@ -38,14 +39,16 @@ def score(ctx, params):
         classifier = HistGradientBoostingClassifier(
             max_iter=int(params["max_iter"]), class_weight="balanced", random_state=int(params["seed"])
         )
-        classifier.fit(_features(refs), labels)
-        member_column = list(classifier.classes_).index(True)
+        # OpenMP threads spin on 2 shared cores and make the fit 100x slower; one thread is fast enough here
+        with threadpool_limits(1):
+            classifier.fit(_features(refs), labels)
+            member_scores = classifier.predict_proba(_features(rows))[:, list(classifier.classes_).index(True)]
         pieces.append(
             pa.table(
                 {
                     "model_key": rows["model_key"].to_numpy(),
                     "example_id": rows["example_id"].to_numpy(),
-                    "score": classifier.predict_proba(_features(rows))[:, member_column],
+                    "score": member_scores,
                 }
             )
         )

@@ -42,7 +42,9 @@ class Defense:
         self.params = params
         self.eps = eps
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: TrainProgress) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: TrainProgress
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def describe_epoch(self, progress: TrainProgress) -> dict[str, float]:
