@@ -148,6 +148,9 @@ MIGRATIONS: list[str] = [
         created_at TIMESTAMPTZ
     );
     """,
+    # 3: no table change; bumping the version makes older stores refresh their views (v_attacks,
+    # v_models.package_versions) on the next open
+    "SELECT 1;",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -175,7 +178,7 @@ SELECT m.model_key, m.model_name, m.experiment, m.dataset, m.arch, m.width, m.de
        v.member_acc AS verified_train_acc, v.nonmember_acc AS verified_test_acc, v.eps AS verified_eps,
        (SELECT count(*) FROM perturbations q WHERE q.model_key = m.model_key) AS n_perturbations,
        m.train_seconds, m.started_at, m.finished_at, m.device, m.git_commit, m.git_dirty, m.host,
-       m.checkpoint, m.dataset_checksum, m.config
+       m.checkpoint, m.dataset_checksum, m.config, m.package_versions
 FROM models m
 LEFT JOIN primary_perturbations b ON b.model_key = m.model_key AND b.kind = 'benign'
 LEFT JOIN primary_perturbations a ON a.model_key = m.model_key AND a.kind = 'adversarial'
@@ -214,6 +217,10 @@ JOIN attacks a USING (attack_key)
 JOIN models m ON m.model_key = x.model_key
 LEFT JOIN perturbations p ON p.model_key = x.model_key AND p.name = x.perturbation;
 
+CREATE OR REPLACE VIEW v_attacks AS
+SELECT attack_key, name AS attack, title, paper, description, language, source_path, params, needs, created_at
+FROM attacks;
+
 CREATE OR REPLACE VIEW v_attack_skips AS
 SELECT k.model_key, m.model_name, a.name AS attack, k.perturbation, k.reason, k.created_at
 FROM attack_skips k JOIN attacks a USING (attack_key) JOIN models m ON m.model_key = k.model_key;
@@ -233,6 +240,7 @@ PUBLIC_VIEWS = (
     "v_scores",
     "v_metrics",
     "v_attack_skips",
+    "v_attacks",
 )
 
 

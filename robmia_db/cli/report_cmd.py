@@ -1,0 +1,36 @@
+"""CLI layer: `robmia-db report` (imports the report layer lazily; never loads torch)."""
+
+from __future__ import annotations
+
+import click
+
+from robmia_db.cli.base import db_option, get_state, handle_errors, main
+
+
+@main.command("report")
+@db_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="HTML file to write (default reports/<store name>.html).",
+)
+@click.option("--experiment", metavar="NAME", help="Only the models of this experiment.")
+@click.option(
+    "--static",
+    type=click.Choice(["png", "svg"]),
+    help="Also write every chart as PNG or SVG into <page>-charts/ beside the page.",
+)
+@handle_errors
+def report_command(output: str | None, experiment: str | None, static: str | None) -> None:
+    """Write a self-contained HTML report (works offline) and print its path.
+
+    Sections: overview, the paper's table per dataset, attack leaderboard, ROC curves, confidence/loss
+    histograms, robustness generalization gap, sweeps and provenance.
+
+    Example: robmia-db report -o reports/yale.html --experiment yale-paper --static png
+    """
+    from robmia_db.report import build_report
+
+    path = build_report(get_state().db_path, output=output, experiment=experiment, static=static)
+    click.echo(str(path))
