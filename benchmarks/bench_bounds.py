@@ -1,0 +1,188 @@
+"""Benchmark of the verified bound engine: CPU ms per sample of each bound method at 28x28 and 8x8.
+
+Baselines measured in the same run: a plain forward pass and a PGD-20 attack (the paper's evaluation PGD).
+Times are process CPU time at 1 torch thread (robust to other jobs on a shared 2-core machine), median of
+`--repeats` runs after one warm-up. The networks are the ones of defenses.md section 5 at their default
+initialisation (seeded), on scikit-learn digits scaled to [0, 1] (bilinearly resized to 28x28).
+
+Usage: python benchmarks/bench_bounds.py [--out benchmarks/results/bench_bounds.json] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robmia_db.runner.bounds import BOUND_METHODS, crown_ibp_margin_bounds, margin_lower_bounds, verified_loss
+
+# defenses.md section 5.2, ms per sample at 1 thread (hand prototype or the best library measured there).
+REFERENCE_MS = {
+    "28x28": {
+        "forward": None,
+        "pgd20": 1.07,
+        "ibp": 0.034,
+        "crown_ibp": 0.51,
+        "crown": 26.5,
+        "dual": 102.0,
+        "zonotope": {"0.02": 56.0, "0.1": 107.0},
+    },
+    "8x8": {
+        "forward": None,
+        "pgd20": 0.27,
+        "ibp": 0.012,
+        "crown_ibp": 0.12,
+        "crown": 4.2,
+        "dual": 3.8,
+        "zonotope": {"0.02": 2.0, "0.1": 5.0},
+    },
+}
+# Batch sizes per method: the cheap ones as in training, the expensive ones as in defenses.md.
+BATCH = {"forward": 128, "pgd20": 128, "ibp": 128, "crown_ibp": 128, "crown": 16, "dual": 16, "zonotope": 8}
+
+
+def network(size: str) -> nn.Sequential:
+    if size == "28x28":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(1568, 100),
+            nn.ReLU(),
+            nn.Linear(100, 10),
+        )
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(512, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+def digits(size: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images[:count] / 16.0, dtype=torch.float32).unsqueeze(1)
+    if size == "28x28":
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x, torch.tensor(data.target[:count], dtype=torch.long)
+
+
+def pgd20(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """The CCS'19 evaluation PGD: 20 sign steps of 2.5*eps/20 from x, projected on the ball and [0, 1]."""
+    step = 2.5 * eps / 20
+    adversarial = x.clone()
+    for _ in range(20):
+        adversarial.requires_grad_(True)
+        loss = F.cross_entropy(model(adversarial), y)
+        (gradient,) = torch.autograd.grad(loss, adversarial)
+        adversarial = adversarial.detach() + step * gradient.sign()
+        adversarial = torch.min(torch.max(adversarial, x - eps), x + eps).clamp(0, 1)
+    return adversarial
+
+
+def cpu_ms_per_sample(work: Callable[[], object], samples: int, repeats: int) -> dict[str, float]:
+    work()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
+        work()
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start_wall)
+    return {
+        "cpu_ms_per_sample": 1000 * statistics.median(cpu) / samples,
+        "wall_ms_per_sample": 1000 * statistics.median(wall) / samples,
+    }
+
+
+def bench_setting(
+    model: nn.Sequential, x_all: torch.Tensor, y_all: torch.Tensor, size: str, eps: float, repeats: int
+) -> dict[str, object]:
+    """Timings of the baselines and of every bound method for one input size and eps."""
+    timings: dict[str, dict[str, float]] = {}
+    x, y = x_all[: BATCH["forward"]], y_all[: BATCH["forward"]]
+    with torch.no_grad():
+        timings["forward"] = cpu_ms_per_sample(lambda: model(x), len(x), repeats)
+    timings["pgd20"] = cpu_ms_per_sample(lambda: pgd20(model, x, y, eps), len(x), repeats)
+    mean_bound = {}
+    for method in BOUND_METHODS:
+        xb, yb = x_all[: BATCH[method]], y_all[: BATCH[method]]
+        with torch.no_grad():
+            timings[method] = cpu_ms_per_sample(
+                lambda xb=xb, yb=yb, method=method: margin_lower_bounds(model, xb, yb, eps, method),
+                len(xb),
+                repeats,
+            )
+            lb = margin_lower_bounds(model, xb, yb, eps, method)
+        mean_bound[method] = float(lb.sum(1).mean() / (lb.shape[1] - 1))
+
+    def train_step() -> None:
+        # One CROWN-IBP training step's bound work (forward + backward of the verified loss), batch 128.
+        loss = verified_loss(crown_ibp_margin_bounds(model, x_all, y_all, eps, beta=0.5), y_all).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    timings["crown_ibp_train_step"] = cpu_ms_per_sample(train_step, len(x_all), repeats)
+    forward = timings["forward"]["cpu_ms_per_sample"]
+    pgd = timings["pgd20"]["cpu_ms_per_sample"]
+    for name, timing in timings.items():
+        timing["x_forward"] = timing["cpu_ms_per_sample"] / forward
+        timing["x_pgd20"] = timing["cpu_ms_per_sample"] / pgd
+        reference = REFERENCE_MS[size].get(name)
+        if isinstance(reference, dict):
+            reference = reference.get(str(eps))
+        timing["reference_ms_defenses_md"] = reference
+        timing["batch"] = BATCH.get(name, len(x_all))
+    print(f"\n{size}  eps={eps}   (CPU ms/sample, 1 thread; ratio to forward and to PGD-20)")
+    print(f"  {'':22s}{'ms/sample':>10s}{'x fwd':>10s}{'x PGD-20':>10s}{'defenses.md':>13s}{'mean lb':>10s}")
+    for name, timing in timings.items():
+        reference = timing["reference_ms_defenses_md"]
+        print(
+            f"  {name:22s}{timing['cpu_ms_per_sample']:10.3f}{timing['x_forward']:10.1f}"
+            f"{timing['x_pgd20']:10.2f}{(f'{reference:.3f}' if reference else '-'):>13s}"
+            f"{(f'{mean_bound[name]:.3f}' if name in mean_bound else ''):>10s}"
+        )
+    return {"input": size, "eps": eps, "timings": timings, "mean_margin_lower_bound": mean_bound}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_bounds.json"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    results: dict[str, object] = {
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "timing": "process CPU time, median of repeats after one warm-up",
+        "runs": [],
+    }
+    for size in ("28x28", "8x8"):
+        model = network(size)
+        x_all, y_all = digits(size, 128)
+        for eps in (0.1, 0.02):
+            results["runs"].append(bench_setting(model, x_all, y_all, size, eps, args.repeats))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
