@@ -38,7 +38,13 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise ImportDataError(f"{path}: file not found")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ImportDataError(f"{path}: not a readable npz file ({exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ImportDataError(f"{path}: is a single .npy array, not an npz archive of named arrays")
+    try:
+        with loaded as data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ImportDataError(f"{path}: not a readable npz file ({exc})") from None
@@ -98,7 +104,16 @@ def read_ccs2019(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any
     if missing:
         raise ImportDataError(f"{path}: not a ccs2019 output file: missing array {missing[0]!r}")
     n_train, n_test = len(data["train_label"]), len(data["test_label"])
-    n_classes = data["output_train_benign"].shape[1] if data["output_train_benign"].ndim == 2 else 0
+    if n_train == 0 or n_test == 0:
+        raise ImportDataError(
+            f"{path}: needs both members and non-members (train rows are members, test rows non-members); got {n_train} and {n_test}"
+        )
+    for key in CCS2019_KEYS[:4]:
+        if data[key].ndim != 2:
+            raise ImportDataError(
+                f"{path}: {key}: expected shape (N, C) of probabilities, got {data[key].shape}"
+            )
+    n_classes = data["output_train_benign"].shape[1]
     train_labels = _check_labels(path, "train_label", data["train_label"], n_classes)
     test_labels = _check_labels(path, "test_label", data["test_label"], n_classes)
     perturbations = []
@@ -129,6 +144,8 @@ def read_generic_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str,
         else:
             raise ImportDataError(f"{path}: is_member: must be a 1-D boolean (or 0/1) array")
     n = len(is_member)
+    if is_member.all() or not is_member.any():
+        raise ImportDataError(f"{path}: is_member: needs both members and non-members")
     names = sorted({k.split("__", 1)[1] for k in data if k.startswith(("probs__", "logits__"))})
     if not names:
         raise ImportDataError(f"{path}: no perturbation arrays (probs__NAME or logits__NAME)")
@@ -187,6 +204,10 @@ def import_outputs(
     if is_member.all() or not is_member.any():
         raise ImportDataError(f"{path}: needs both members and non-members")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    order = np.argsort(example_ids, kind="stable")
+    membership_digest = hashlib.sha256(
+        np.ascontiguousarray(example_ids[order]).tobytes() + np.ascontiguousarray(is_member[order]).tobytes()
+    ).hexdigest()
     model_name = name or path.stem
     model_key = content_key({"imported": digest, "format": fmt})
     n_classes = int(
@@ -213,7 +234,13 @@ def import_outputs(
         model_key=model_key, model_name=model_name, experiment=experiment, origin="imported", dataset=dataset_name,
         defense=defense, membership_scheme="imported", n_members=int(is_member.sum()),
         n_nonmembers=int((~is_member).sum()), n_classes=n_classes,
-        config={"imported_from": str(path), "sha256": digest, "format": fmt},
+        config={
+            "imported_from": str(path),
+            "sha256": digest,
+            "format": fmt,
+            "membership_sha256": membership_digest,
+            "recipe": {"dataset": dataset, "defense": defense} if dataset else None,
+        },
         finished_at=datetime.now(timezone.utc),
     )  # fmt: skip
     membership = pa.table(

@@ -108,6 +108,12 @@ def _recipe_and_membership(config_json: str | None) -> tuple[str | None, str | N
     if not config_json:
         return None, None
     config = json.loads(config_json)
+    if config and "imported_from" in config:
+        # imported outputs: same dataset and defense label, a different membership draw
+        recipe = config.get("recipe")
+        if not recipe or not recipe.get("dataset"):
+            return None, None
+        return canonical_json({"imported": recipe}), config.get("membership_sha256")
     if not config or "training" not in config:
         return None, None
     membership = config.get("membership", {})
@@ -199,15 +205,23 @@ def _signal_keys_of(state: StoreState, model_key: str, names: list[str]) -> list
 class AttackContext:
     """What a Python attack sees: read-only SQL over `target` (and kind / reference relations) plus params."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, units: list[ScoreUnit], params: dict[str, Any]):
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, units: list[ScoreUnit], params: dict[str, Any], path: str
+    ):
         self._con = con
+        self._path = path
         self.units = units
         self.params = params
 
     def sql(self, query: str, params: dict[str, Any] | None = None) -> pa.Table:
-        _check_single_select(self._con, query, None)
-        relation = self._con.sql(query, params=params) if params else self._con.sql(query)
-        return relation.to_arrow_table()
+        _check_single_select(self._con, query, self._path)
+        try:
+            relation = self._con.sql(query, params=params) if params else self._con.sql(query)
+            return relation.to_arrow_table()
+        except duckdb.Error as exc:
+            raise AttackDefinitionError(
+                self._path, f"SQL failed: {str(exc).strip().splitlines()[0]}"
+            ) from None
 
 
 def _check_single_select(con: duckdb.DuckDBPyConnection, sql: str, path: str | None) -> None:
@@ -223,26 +237,48 @@ def _check_single_select(con: duckdb.DuckDBPyConnection, sql: str, path: str | N
         )
 
 
-def _prepare_relations(con: duckdb.DuckDBPyConnection, attack: AttackDefinition) -> None:
-    """Temp views over registered unit tables; the target relations carry no membership labels."""
-    con.register("_units", _units_table([]))
-    con.register("_references", _references_table([]))
-    con.execute(
-        """CREATE OR REPLACE TEMP VIEW target AS
-           SELECT s.* EXCLUDE (is_member) FROM v_signals s
-           JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.perturbation"""
-    )
-    for kind in KIND_NEEDS:
-        con.execute(
-            f"""CREATE OR REPLACE TEMP VIEW {kind} AS
-                SELECT s.* EXCLUDE (is_member) FROM v_signals s
-                JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.{kind}_perturbation"""
-        )
-    con.execute(
-        """CREATE OR REPLACE TEMP VIEW reference AS
-           SELECT r.target_model_key, s.* FROM v_signals s
-           JOIN _references r ON s.model_key = r.reference_model_key AND s.perturbation = r.perturbation"""
-    )
+def _materialise_relations(
+    store: duckdb.DuckDBPyConnection, attack: AttackDefinition, units: list[ScoreUnit]
+) -> dict[str, pa.Table]:
+    """Read exactly the rows an attack may see, as Arrow tables; the target relations carry no labels."""
+    store.register("_units", _units_table(units))
+    store.register("_references", _references_table(units))
+    relations: dict[str, pa.Table] = {}
+    if attack.signal_kind is None:
+        relations["target"] = store.sql(
+            """SELECT s.* EXCLUDE (is_member) FROM v_signals s
+               JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.perturbation"""
+        ).to_arrow_table()
+    else:
+        for kind in (n for n in attack.needs if n in KIND_NEEDS):
+            relations[kind] = store.sql(
+                f"""SELECT s.* EXCLUDE (is_member) FROM v_signals s
+                    JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.{kind}_perturbation"""
+            ).to_arrow_table()
+        relations["target"] = relations[attack.signal_kind]
+    if attack.needs_reference:
+        relations["reference"] = store.sql(
+            """SELECT r.target_model_key, s.* FROM v_signals s
+               JOIN _references r ON s.model_key = r.reference_model_key AND s.perturbation = r.perturbation"""
+        ).to_arrow_table()
+    store.unregister("_units")
+    store.unregister("_references")
+    return relations
+
+
+def _sandbox(relations: dict[str, pa.Table]) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection that holds only the attack's relations, with file access switched off.
+
+    The attack never touches the store's connection, so it cannot read membership, write, attach or
+    read files: DuckDB refuses file access and the configuration cannot be switched back.
+    """
+    con = duckdb.connect(":memory:")
+    con.execute("SET threads = 2")
+    for name, table in relations.items():
+        con.register(name, table)
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
 
 
 def _units_table(units: list[ScoreUnit]) -> pa.Table:
@@ -327,9 +363,7 @@ def _run_units(
     units: list[ScoreUnit],
     counts: dict[tuple[str, str], int],
 ) -> pa.Table:
-    """Score a batch of units sharing one perturbation name; returns (model_key, perturbation, example_id, score)."""
-    con.register("_units", _units_table(units))
-    con.register("_references", _references_table(units))
+    """Score a batch of units sharing their inputs; returns (model_key, example_id, score, perturbation)."""
     expected = {u.model_key: counts[(u.model_key, u.perturbation)] for u in units}
     if attack.language == "sql":
         _check_single_select(con, attack.sql or "", attack.path)
@@ -343,11 +377,16 @@ def _run_units(
             ) from None
     else:
         try:
-            result = attack.function(AttackContext(con, units, dict(attack.params)), dict(attack.params))
+            result = attack.function(
+                AttackContext(con, units, dict(attack.params), attack.path), dict(attack.params)
+            )
         except RobmiaError:
             raise
         except Exception as exc:
-            raise AttackDefinitionError(attack.path, f"score() raised {type(exc).__name__}: {exc}") from None
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise AttackDefinitionError(
+                attack.path, f"score() raised {type(exc).__name__}: {first_line}"
+            ) from None
         table = _as_arrow(result, attack.path)
     table = _validate_result(table, attack, expected)
     return table.append_column(
@@ -371,6 +410,7 @@ def _write_results(
     skipped: list[tuple[str, str | None, str]],
     model_keys_by_name: dict[str, str],
     seconds: float,
+    considered: set[str],
 ) -> None:
     attack_key = attack.attack_key
     now = datetime.now(timezone.utc)
@@ -400,7 +440,12 @@ def _write_results(
                     AND (model_key, perturbation) IN (SELECT model_key, perturbation FROM _done)""",
                 [attack.name],
             )
-        con.execute(f"DELETE FROM attack_skips WHERE attack_key IN ({same_name})", [attack.name])
+        con.register("_considered", pa.table({"model_key": pa.array(sorted(considered), pa.string())}))
+        con.execute(
+            f"""DELETE FROM attack_skips WHERE attack_key IN ({same_name})
+                AND model_key IN (SELECT model_key FROM _considered)""",
+            [attack.name],
+        )
         if all_scores is not None and all_scores.num_rows:
             con.register("_new_scores", all_scores)
             con.execute(
@@ -493,11 +538,6 @@ def calibrate_thresholds(db_path: Path, attack_keys: list[str] | None = None) ->
     return len(updates)
 
 
-def _sandbox(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-
-
 def score_attacks(
     db_path: str | Path,
     attacks: list[str | Path] | None = None,
@@ -531,7 +571,9 @@ def score_attacks(
         state = _read_state(con)
         recorded_skips = {
             (r[0], r[1], r[2], r[3])
-            for r in con.execute("SELECT attack_key, model_key, perturbation, reason FROM attack_skips").fetchall()
+            for r in con.execute(
+                "SELECT attack_key, model_key, perturbation, reason FROM attack_skips"
+            ).fetchall()
         }
     references = reference_models(state)
     names = {row["model_name"]: key for key, row in state.models.items()}
@@ -557,19 +599,32 @@ def score_attacks(
         reporter.attack_started(attack, len(todo))
         results: list[pa.Table] = []
         if todo:
+            by_inputs: dict[tuple, list[ScoreUnit]] = {}
+            for unit in todo:
+                by_inputs.setdefault(tuple(sorted(unit.inputs.items())), []).append(unit)
             with reading(db_path) as con:
                 counts = _example_counts(con)
-                _prepare_relations(con, attack)
-                _sandbox(con)
-                by_inputs: dict[tuple, list[ScoreUnit]] = {}
-                for unit in todo:
-                    by_inputs.setdefault(tuple(sorted(unit.inputs.items())), []).append(unit)
-                for group in by_inputs.values():
-                    results.append(_run_units(con, attack, group, counts))
+                batches = [
+                    (group, _materialise_relations(con, attack, group)) for group in by_inputs.values()
+                ]
+            for group, relations in batches:
+                sandbox = _sandbox(relations)
+                try:
+                    results.append(_run_units(sandbox, attack, group, counts))
+                finally:
+                    sandbox.close()
         new_skips = {(attack_key, names[m], p, r) for m, p, r in skipped} - recorded_skips
         if todo or new_skips:
             _write_results(
-                db_path, attack, todo, inputs_keys, results, skipped, names, time.perf_counter() - started
+                db_path,
+                attack,
+                todo,
+                inputs_keys,
+                results,
+                skipped,
+                names,
+                time.perf_counter() - started,
+                set(model_filter) if model_filter is not None else set(state.models),
             )
         outcome.scored = len(todo)
         outcome.seconds = time.perf_counter() - started

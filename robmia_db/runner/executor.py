@@ -457,6 +457,11 @@ def run_specs(
             for job in jobs:
                 if job.model_key in existing:
                     ingest.rename_model(con, job.model_key, job.model_name, job.experiment)
+                    for perturbation in job.perturbations:
+                        if perturbation.signal_key in existing[job.model_key]["signal_keys"]:
+                            ingest.rename_perturbation(
+                                con, job.model_key, perturbation.signal_key, perturbation.name
+                            )
         git_commit, git_dirty = _git_provenance()
         provenance = (git_commit, git_dirty, _package_versions())
         for index, job in enumerate(jobs):

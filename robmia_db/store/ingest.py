@@ -128,6 +128,31 @@ def rename_model(
     )
 
 
+def _drop_perturbation_results(con: duckdb.DuckDBPyConnection, model_key: str, name: str) -> None:
+    for table in ("scores", "metrics", "attack_skips"):
+        con.execute(f"DELETE FROM {table} WHERE model_key = ? AND perturbation = ?", [model_key, name])
+
+
+def rename_perturbation(con: duckdb.DuckDBPyConnection, model_key: str, signal_key: str, name: str) -> None:
+    """Perturbation names are metadata too: renaming one in a spec renames it, and its scores, in place."""
+    rows = con.execute("SELECT name FROM perturbations WHERE signal_key = ?", [signal_key]).fetchall()
+    if not rows or rows[0][0] == name:
+        return
+    old = rows[0][0]
+    taken = con.execute(
+        "SELECT count(*) FROM perturbations WHERE model_key = ? AND name = ? AND signal_key != ?",
+        [model_key, name, signal_key],
+    ).fetchall()[0][0]
+    if taken:
+        return  # another setting already holds the name; the spec's rerun replaces it when recomputed
+    con.execute("UPDATE perturbations SET name = ? WHERE signal_key = ?", [name, signal_key])
+    for table in ("scores", "metrics", "attack_skips"):
+        con.execute(
+            f"UPDATE {table} SET perturbation = ? WHERE model_key = ? AND perturbation = ?",
+            [name, model_key, old],
+        )
+
+
 def _insert_examples(con: duckdb.DuckDBPyConnection, dataset: str, examples: pa.Table) -> None:
     con.register("incoming_examples", examples)
     try:
@@ -163,6 +188,20 @@ def _insert_perturbation(con: duckdb.DuckDBPyConnection, record: PerturbationRec
     # replacing is idempotent: a rerun that recomputes a perturbation never duplicates its rows
     con.execute("DELETE FROM signals WHERE signal_key = ?", [record.signal_key])
     con.execute("DELETE FROM perturbations WHERE signal_key = ?", [record.signal_key])
+    # a name means one setting per model: new settings under an old name replace the old signals,
+    # and scores computed from them go with them
+    stale = [
+        row[0]
+        for row in con.execute(
+            "SELECT signal_key FROM perturbations WHERE model_key = ? AND name = ?",
+            [record.model_key, record.name],
+        ).fetchall()
+    ]
+    if stale:
+        _drop_perturbation_results(con, record.model_key, record.name)
+        for key in stale:
+            con.execute("DELETE FROM signals WHERE signal_key = ?", [key])
+            con.execute("DELETE FROM perturbations WHERE signal_key = ?", [key])
     con.execute(
         "INSERT INTO perturbations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [

@@ -6,7 +6,7 @@ its own eps / weight schedule, as its original method defines it (defenses.md se
 
 from __future__ import annotations
 
-from robmia_db.runner.defenses import empirical  # noqa: F401  (registers natural, pgd_at)
+from robmia_db.runner.defenses import empirical, verifiable  # noqa: F401  (registers the defenses)
 from robmia_db.runner.defenses.base import DEFENSES, Defense, TrainProgress, build_defense, register_defense
 
 __all__ = ["DEFENSES", "Defense", "TrainProgress", "build_defense", "register_defense"]
