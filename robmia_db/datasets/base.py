@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -130,7 +130,9 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Loaded
     except TypeError as exc:
         if "unexpected keyword argument" not in str(exc):
             raise
-        raise DatasetError(f"dataset {name!r} takes no option {str(exc).split('argument')[-1].strip()}") from None
+        raise DatasetError(
+            f"dataset {name!r} takes no option {str(exc).split('argument')[-1].strip()}"
+        ) from None
     _check_loaded(dataset)
     return dataset
 

@@ -139,6 +139,15 @@ class DatasetCache:
         return self._cache[key]
 
 
+def _located(path: Path, key: str, exc: Exception) -> SpecError:
+    """A SpecError under `key`, unless the message already names its own dotted key."""
+    message = str(exc)
+    head = message.split(":", 1)[0]
+    if head.startswith(key.split(".")[0]) and " " not in head:
+        return SpecError(path, None, message)
+    return SpecError(path, key, message)
+
+
 def preflight(loaded: list[LoadedSpec], datasets: DatasetCache) -> None:
     """Check what validation of the TOML alone cannot: data present, architectures build, bounds apply."""
     errors: list[SpecError] = []
@@ -153,7 +162,7 @@ def preflight(loaded: list[LoadedSpec], datasets: DatasetCache) -> None:
             try:
                 split_membership(dataset, job.identity)
             except RobmiaError as exc:
-                errors.append(SpecError(item.path, "membership", str(exc)))
+                errors.append(_located(item.path, "membership", exc))
                 break
             arch_key = (job.arch, job.width)
             if arch_key in seen:
@@ -169,10 +178,10 @@ def preflight(loaded: list[LoadedSpec], datasets: DatasetCache) -> None:
                         job.identity["model"]["options"],
                     )
             except RobmiaError as exc:
-                errors.append(SpecError(item.path, "model", str(exc)))
+                errors.append(_located(item.path, "model", exc))
                 continue
             except TypeError as exc:
-                errors.append(SpecError(item.path, "model.options", str(exc)))
+                errors.append(_located(item.path, "model.options", exc))
                 continue
             if any(p.kind == "verified" for p in job.perturbations):
                 try:
@@ -396,6 +405,15 @@ def execute_job(
     return ModelOutcome(job, action, time.perf_counter() - started, accuracies=accuracies)
 
 
+def _stored_state(db_path: Path, jobs: list[ModelJob]) -> dict[str, dict[str, Any]]:
+    if not db_path.exists():
+        return {}
+    from robmia_db.store.connection import reading
+
+    with reading(db_path) as con:
+        return ingest.existing_models(con, [job.model_key for job in jobs])
+
+
 def run_specs(
     paths: list[str | Path],
     db_path: str | Path,
@@ -432,19 +450,18 @@ def run_specs(
     torch.set_num_threads(thread_count or 1)
     torch_device = resolve_device(device or loaded[0].spec.runtime.device)
 
-    existing: dict[str, dict[str, Any]] = {}
-    if db_path.exists():
-        from robmia_db.store.connection import reading
-
-        with reading(db_path) as con:
-            existing = ingest.existing_models(con, [job.model_key for job in jobs])
-    actions = plan_actions(jobs, existing)
-    reporter.plan(jobs, actions)
     if dry_run:
+        existing = _stored_state(db_path, jobs)
+        actions = plan_actions(jobs, existing)
+        reporter.plan(jobs, actions)
         return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs])
 
     outcomes: list[ModelOutcome] = []
     with run_lock(db_path):
+        # planned under the lock: a run that finished meanwhile is seen, and a refused run prints no plan
+        existing = _stored_state(db_path, jobs)
+        actions = plan_actions(jobs, existing)
+        reporter.plan(jobs, actions)
         with writing(db_path) as con:
             for item in loaded:
                 ingest.upsert_experiment(

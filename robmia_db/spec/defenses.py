@@ -46,7 +46,7 @@ class PgdAtParams(DefenseParams):
     @classmethod
     def _positive_step(cls, value: float | str) -> float | str:
         if not isinstance(value, str) and not value > 0:
-            raise ValueError(f"must be > 0 (got {value})")
+            raise ValueError(f"must be > 0 (got {value:g})")
         return value
 
     def resolved(self, eps: float | None) -> dict[str, Any]:

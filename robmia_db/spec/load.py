@@ -86,7 +86,9 @@ def _describe(error: dict[str, Any]) -> str:
             kind
         ]
         bound = next(iter(ctx.values()))
-        return f"must be {op} {bound}{shown}"
+        bound = f"{bound:g}" if isinstance(bound, float) else bound
+        got_text = f" (got {got:g})" if isinstance(got, float) else shown
+        return f"must be {op} {bound}{got_text}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}{shown}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
@@ -115,11 +117,40 @@ def _describe(error: dict[str, Any]) -> str:
     return message
 
 
-def _validation_errors(path: Path, exc: ValidationError, prefix: str = "") -> list[SpecError]:
+def _scalar_index_dropped(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...]:
+    """`eps = -0.03` is checked as the list [-0.03]; report it as `training.eps`, not `training.eps[0]`."""
+    kept: list[Any] = []
+    node = raw
+    for part in loc:
+        if isinstance(part, int) and not isinstance(node, list):
+            continue
+        kept.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(kept)
+
+
+def _validation_errors(
+    path: Path, exc: ValidationError, prefix: str = "", raw: Any = None
+) -> list[SpecError]:
     errors = []
     seen = set()
+
+    def base(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            p for p in loc if not (isinstance(p, str) and (p.startswith("literal[") or p in ("float", "int")))
+        )
+
+    auto_locs = {
+        base(e["loc"]) for e in exc.errors() if any(str(p).startswith("literal['auto'") for p in e["loc"])
+    }
     for error in exc.errors():
         loc = error["loc"]
+        accepts_auto = base(loc) in auto_locs
         # a union of float | "auto" reports each member's failure; report the first only
         if (
             len(loc) > 0
@@ -127,11 +158,15 @@ def _validation_errors(path: Path, exc: ValidationError, prefix: str = "") -> li
             and (loc[-1].startswith("literal[") or loc[-1] in ("float", "int"))
         ):
             loc = loc[:-1]
+        if raw is not None:
+            loc = _scalar_index_dropped(tuple(loc), raw)
         key = prefix + _dotted(tuple(loc))
         if key in seen:
             continue
         seen.add(key)
         message = _describe(error)
+        if accepts_auto and message.startswith("must be a number"):
+            message = message.replace("must be a number", 'must be a number or "auto"', 1)
         if message.startswith("signals: "):
             key, message = "signals", message[len("signals: ") :]
         errors.append(SpecError(path, key or None, message))
@@ -153,38 +188,48 @@ def read_spec(path: str | Path) -> tuple[str, ExperimentSpec | None, list[SpecEr
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return text, None, [SpecError(path, None, f"invalid TOML: {exc}")]
+    defense_errors = _defense_errors(path, raw.get("defense")) + _dataset_errors(path, raw.get("data"))
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
-        return text, None, _validation_errors(path, exc)
-    errors = _semantic_errors(path, spec)
+        return text, None, _validation_errors(path, exc, raw=raw) + defense_errors
+    errors = _semantic_errors(path, spec) + defense_errors
     return text, (None if errors else spec), errors
 
 
-def _semantic_errors(path: Path, spec: ExperimentSpec) -> list[SpecError]:
+def _dataset_errors(path: Path, data: Any) -> list[SpecError]:
     from robmia_db.datasets import dataset_names
 
+    name = data.get("dataset") if isinstance(data, dict) else None
+    if isinstance(name, str) and name not in dataset_names():
+        return [
+            SpecError(path, "data.dataset", f"unknown dataset {name!r} (known: {', '.join(dataset_names())})")
+        ]
+    return []
+
+
+def _defense_errors(path: Path, sections: Any) -> list[SpecError]:
+    """Per-defense parameters, checked even when the rest of the file has errors (all errors at once)."""
     errors: list[SpecError] = []
-    if spec.data.dataset not in dataset_names():
-        errors.append(
-            SpecError(
-                path,
-                "data.dataset",
-                f"unknown dataset {spec.data.dataset!r} (known: {', '.join(dataset_names())})",
-            )
-        )
-    for name, params in spec.defense.items():
+    if not isinstance(sections, dict):
+        return errors
+    for name, params in sections.items():
         if name not in DEFENSE_PARAMS:
-            errors.append(
-                SpecError(
-                    path, f"defense.{name}", f"unknown defense (known: {', '.join(sorted(DEFENSE_PARAMS))})"
-                )
-            )
+            known = ", ".join(sorted(DEFENSE_PARAMS))
+            errors.append(SpecError(path, f"defense.{name}", f"unknown defense (known: {known})"))
             continue
+        if not isinstance(params, dict):
+            continue  # the schema reports it as "must be a table"
         try:
             DEFENSE_PARAMS[name].model_validate(params)
         except ValidationError as exc:
-            errors.extend(_validation_errors(path, exc, prefix=f"defense.{name}."))
+            errors.extend(_validation_errors(path, exc, prefix=f"defense.{name}.", raw=params))
+    return errors
+
+
+def _semantic_errors(path: Path, spec: ExperimentSpec) -> list[SpecError]:
+
+    errors: list[SpecError] = []
     membership = spec.membership
     if membership.scheme == "train_test" and membership.n_models != 1:
         errors.append(

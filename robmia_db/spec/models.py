@@ -135,7 +135,7 @@ class AdversarialSignal(Strict):
     @classmethod
     def _positive(cls, value: float | str) -> float | str:
         if not isinstance(value, str) and not value > 0:
-            raise ValueError(f"must be > 0 (got {value})")
+            raise ValueError(f"must be > 0 (got {value:g})")
         return value
 
 
@@ -151,7 +151,7 @@ class VerifiedSignal(Strict):
     @classmethod
     def _positive(cls, value: float | str) -> float | str:
         if not isinstance(value, str) and not value > 0:
-            raise ValueError(f"must be > 0 (got {value})")
+            raise ValueError(f"must be > 0 (got {value:g})")
         return value
 
 

@@ -41,8 +41,12 @@ def softmax_float32(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def _log_softmax64(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    top = z.argmax(axis=1)
+    shifted = z - z[np.arange(len(z)), top][:, None]
+    others = np.exp(shifted)
+    others[np.arange(len(z)), top] = 0.0
+    # log(1 + sum of the others) via log1p keeps tiny losses exact where 1 + sum would round to 1
+    return shifted - np.log1p(others.sum(axis=1, keepdims=True))
 
 
 def _columns_from_log_probs(
@@ -61,7 +65,7 @@ def _columns_from_log_probs(
     log_one_minus = np.log(np.maximum(-np.expm1(log_probs), np.finfo(np.float64).tiny))
     other_terms = probs64 * log_one_minus
     other_terms[rows, labels] = 0.0
-    mentropy = -(1.0 - probs64[rows, labels]) * true_log - other_terms.sum(axis=1)
+    mentropy = -(-np.expm1(true_log)) * true_log - other_terms.sum(axis=1)
     if is_correct is None:
         is_correct = np.argmax(log_probs, axis=1) == labels
     return {
