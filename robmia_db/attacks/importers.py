@@ -205,6 +205,9 @@ def import_outputs(
         raise ImportDataError(f"{path}: needs both members and non-members")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     order = np.argsort(example_ids, kind="stable")
+    examples_digest = hashlib.sha256(
+        np.ascontiguousarray(example_ids[order]).tobytes() + np.ascontiguousarray(labels[order]).tobytes()
+    ).hexdigest()[:16]
     membership_digest = hashlib.sha256(
         np.ascontiguousarray(example_ids[order]).tobytes() + np.ascontiguousarray(is_member[order]).tobytes()
     ).hexdigest()
@@ -239,7 +242,10 @@ def import_outputs(
             "sha256": digest,
             "format": fmt,
             "membership_sha256": membership_digest,
-            "recipe": {"dataset": dataset, "defense": defense} if dataset else None,
+            # reference models must see the same examples and classes: the id/label digest is in the recipe
+            "recipe": {"dataset": dataset, "defense": defense, "n_classes": n_classes, "examples": examples_digest}
+            if dataset
+            else None,
         },
         finished_at=datetime.now(timezone.utc),
     )  # fmt: skip
