@@ -424,7 +424,7 @@ def test_every_spec_defense_has_an_implementation() -> None:
 
 BAD_PARAMS = [
     ("trades", "beta = -1", "defense.trades.beta: must be >= 0 (got -1)"),
-    ("trades", "beta = 'x'", "defense.trades.beta: must be a number (got 'x')"),
+    ("trades", "beta = 'x'", "defense.trades.beta: must be a number or \"auto\" (got 'x')"),
     ("trades", "step_size = 0", "defense.trades.step_size: must be > 0 (got 0)"),
     (
         "trades",
@@ -451,16 +451,16 @@ BAD_PARAMS = [
         'defense.ibp.ramp_epochs: must be a number of epochs >= 0, a percentage of the training epochs like "10%", '
         'or "auto" (got True)',
     ),
-    ("ibp", "kappa_final = 2", "defense.ibp.kappa_final: must be <= 1.0 (got 2)"),
+    ("ibp", "kappa_final = 2", "defense.ibp.kappa_final: must be <= 1 (got 2)"),
     (
         "crown_ibp",
         "ramp_epochs = 'auto'",
         "defense.crown_ibp.ramp_epochs: must be a number of epochs >= 0 or a percentage of the training epochs "
         "like \"10%\" (got 'auto')",
     ),
-    ("crown_ibp", "beta_final = 1.5", "defense.crown_ibp.beta_final: must be <= 1.0 (got 1.5)"),
+    ("crown_ibp", "beta_final = 1.5", "defense.crown_ibp.beta_final: must be <= 1 (got 1.5)"),
     ("diffai", "domain = 'poly'", "defense.diffai.domain: must be one of 'box' or 'zonotope' (got 'poly')"),
-    ("diffai", "abstract_weight = 0", "defense.diffai.abstract_weight: must be > 0.0 (got 0)"),
+    ("diffai", "abstract_weight = 0", "defense.diffai.abstract_weight: must be > 0 (got 0)"),
     ("dual", "eps_start_factor = 1.5", "defense.dual.eps_start_factor: must be <= 1 (got 1.5)"),
     ("dual", "proj = 20", "defense.dual.proj: unknown key"),
 ]
