@@ -65,7 +65,8 @@ def _columns_from_log_probs(
     log_one_minus = np.log(np.maximum(-np.expm1(log_probs), np.finfo(np.float64).tiny))
     other_terms = probs64 * log_one_minus
     other_terms[rows, labels] = 0.0
-    mentropy = -(-np.expm1(true_log)) * true_log - other_terms.sum(axis=1)
+    one_minus_true = -np.expm1(true_log)  # 1 - p_y without cancellation when p_y is near 1
+    mentropy = -one_minus_true * true_log - other_terms.sum(axis=1)
     if is_correct is None:
         is_correct = np.argmax(log_probs, axis=1) == labels
     return {
