@@ -65,3 +65,14 @@ def test_readme_main_job_uses_an_embedded_spec():
     match = re.search(r"pip install torch==2\.13\.0 && pip install -e \. && (robmia-db run (\S+).*)", README)
     assert match, "the README's main-job command is missing"
     assert (ROOT / match.group(2)).exists()
+
+
+def test_explain_documents_every_spec_key_and_defense():
+    from robmia_db.spec.defenses import DEFENSE_PARAMS
+    from robmia_db.spec.explain import explain
+
+    text = explain()
+    for key in ("experiment.name", "training.eps", "membership.scheme", "signals[].steps", "runtime.threads"):
+        assert f"\n{key}  (" in text or text.startswith(f"{key}  ("), key
+    for name in DEFENSE_PARAMS:
+        assert f"# [defense.{name}]" in text

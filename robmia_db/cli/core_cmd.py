@@ -10,14 +10,23 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
 
 
 @main.command("check")
-@click.argument("specs", nargs=-1, required=True, type=click.Path())
+@click.argument("specs", nargs=-1, type=click.Path())
 @click.option("--expand", is_flag=True, help="List the models and perturbations each spec expands into.")
+@click.option("--explain", is_flag=True, help="Print every spec key with its default and meaning.")
 @handle_errors
-def check_command(specs: tuple[str, ...], expand: bool) -> None:
+def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
     """Validate spec files; print every error of every file as `file: key: message`.
 
     Example: robmia-db check specs/quickstart.toml --expand
     """
+    if explain:
+        from robmia_db.spec.explain import explain as explain_keys
+
+        click.echo(explain_keys(), nl=False)
+        if not specs:
+            return
+    if not specs:
+        raise click.UsageError("give at least one spec file (or --explain)")
     from robmia_db.spec import load_specs
 
     loaded = load_specs(list(specs))

@@ -73,14 +73,16 @@ class ModelSection(Strict):
 
 
 class OptimizerSection(Strict):
-    name: Literal["adam", "sgd"] = "adam"
+    name: Literal["adam", "sgd"] = Field("adam", description="optimizer: adam or sgd")
     lr: float = Field(1e-3, gt=0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adam)")
 
 
 class LrScheduleSection(Strict):
-    name: Literal["constant", "multistep", "cosine"] = "constant"
+    name: Literal["constant", "multistep", "cosine"] = Field(
+        "constant", description="learning-rate schedule, stepped per epoch: constant, multistep or cosine"
+    )
     milestones: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=list, description="multistep: epochs at which lr is multiplied by gamma"
     )
@@ -97,8 +99,8 @@ class TrainingSection(Strict):
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [0], min_length=1, description="training seeds (a sweep axis)"
     )
-    epochs: int = Field(20, gt=0, le=100000)
-    batch_size: int = Field(64, gt=0)
+    epochs: int = Field(20, gt=0, le=100000, description="passes over the members")
+    batch_size: int = Field(64, gt=0, description="training batch size")
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     lr_schedule: LrScheduleSection = Field(default_factory=LrScheduleSection)
 
