@@ -314,3 +314,45 @@ def test_python_api_like_a_notebook(trained_store: TrainedStore, tmp_path):
         assert value == pytest.approx(loss[(names == name) & (members == is_member)].mean(), rel=1e-12)
     # members have lower loss than non-members for the trained-to-fit natural model: the MIA signal
     assert by_pandas[("tiny/natural-s0", True)] < by_pandas[("tiny/natural-s0", False)]
+
+
+class _StopAfter:
+    """A reporter that interrupts training after a given epoch, as a kill would."""
+
+    def __init__(self, stop_after: int | None):
+        self.stop_after = stop_after
+
+    def epoch_done(self, job, epoch, epochs, stats):
+        if self.stop_after is not None and epoch == self.stop_after:
+            raise KeyboardInterrupt
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def test_training_resumes_mid_run_from_its_partial_checkpoint(write_spec, tmp_path, monkeypatch):
+    """Interrupted at epoch 7 of 12 with partial saves on, the resumed model equals an uninterrupted one."""
+    import torch
+
+    from robmia_db.datasets import load_dataset
+    from robmia_db.runner import executor
+    from robmia_db.runner.data import split_membership
+    from robmia_db.spec import load_specs
+
+    use_one_torch_thread()
+    spec = write_spec({"training": {"defenses": ["pgd_at"], "epochs": 12}})
+    (job,) = load_specs([spec])[0].jobs
+    dataset = load_dataset("digits")
+    split = split_membership(dataset, job.identity)
+    device = torch.device("cpu")
+    reference, _ = executor.train_model(job, dataset, split, device, _StopAfter(None))
+
+    monkeypatch.setattr(executor, "PARTIAL_SAVE_INTERVAL_S", -1.0)  # save after every epoch
+    partial = tmp_path / "fresh.checkpoints" / f"{job.model_key}.partial.pt"  # folder does not exist yet
+    with pytest.raises(KeyboardInterrupt):
+        executor.train_model(job, dataset, split, device, _StopAfter(7), partial)
+    assert partial.exists()
+    resumed, history = executor.train_model(job, dataset, split, device, _StopAfter(None), partial)
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name

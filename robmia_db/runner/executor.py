@@ -302,6 +302,7 @@ def train_model(
 
 
 def _save_partial(path, job, model, optimizer, scheduler, order, epoch, history) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(
         {
