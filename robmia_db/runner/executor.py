@@ -273,7 +273,7 @@ def train_model(
         model.train()
         started = time.perf_counter()
         permutation = torch.randperm(n, generator=order).to(device)
-        loss_sum = torch.zeros((), device=device)
+        batch_losses: list[torch.Tensor] = []  # summed once per epoch: no extra tensor ops per batch
         for start in range(0, n, batch_size):
             index = permutation[start : start + batch_size]
             progress = TrainProgress(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, epochs=epochs)
@@ -283,11 +283,14 @@ def train_model(
             if defense.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), defense.grad_clip_norm)
             optimizer.step()
-            loss_sum += loss.detach() * len(index)
+            batch_losses.append(loss.detach())
             step += 1
         if scheduler is not None:
             scheduler.step()
-        stats = {"epoch": epoch + 1, "loss": float(loss_sum) / n, "seconds": time.perf_counter() - started}
+        sizes = torch.full((len(batch_losses),), float(batch_size), device=device)
+        sizes[-1] = n - batch_size * (len(batch_losses) - 1)
+        epoch_loss = float((torch.stack(batch_losses) * sizes).sum()) / n
+        stats = {"epoch": epoch + 1, "loss": epoch_loss, "seconds": time.perf_counter() - started}
         stats.update(defense.describe_epoch(TrainProgress(epoch, step, steps_per_epoch, epochs)))
         history.append(stats)
         reporter.epoch_done(job, epoch + 1, epochs, stats)
