@@ -213,7 +213,7 @@ def exploding_defense(monkeypatch):
     from robmia_db.spec.defenses import DEFENSE_PARAMS, NaturalParams
 
     class ExplodingParams(NaturalParams):
-        pass
+        """No parameters, like natural training."""
 
     state = {"armed": True}
 

@@ -58,7 +58,7 @@ def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, devi
     """
     from robmia_db.spec import load_specs
 
-    load_specs(list(specs))  # report spec errors before paying for the torch import
+    loaded = load_specs(list(specs))  # report spec errors before paying for the torch import
 
     from robmia_db.cli.progress import RichReporter, print_summary
     from robmia_db.runner.executor import run_specs
@@ -67,7 +67,13 @@ def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, devi
     reporter = RichReporter()
     with reporter:
         summary = run_specs(
-            list(specs), state.db_path, reporter=reporter, threads=threads, device=device, dry_run=dry_run
+            list(specs),
+            state.db_path,
+            reporter=reporter,
+            threads=threads,
+            device=device,
+            dry_run=dry_run,
+            loaded=loaded,
         )
     print_summary(summary, dry_run=dry_run)
     if summary.failed:

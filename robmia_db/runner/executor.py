@@ -425,6 +425,7 @@ def run_specs(
     threads: int | None = None,
     device: str | None = None,
     dry_run: bool = False,
+    loaded: list[LoadedSpec] | None = None,
 ) -> RunSummary:
     """Run specs into a store: validate all, then train and record what the store lacks.
 
@@ -433,7 +434,7 @@ def run_specs(
     """
     reporter = reporter or SilentReporter()
     db_path = Path(db_path)
-    loaded = load_specs(paths)
+    loaded = loaded if loaded is not None else load_specs(paths)
     datasets = DatasetCache()
     preflight(loaded, datasets)
     jobs: list[ModelJob] = []

@@ -66,10 +66,6 @@ def register_defense_params(name: str, params: type[DefenseParams]) -> None:
     DEFENSE_PARAMS[name] = params
 
 
-def defense_names() -> list[str]:
-    return sorted(DEFENSE_PARAMS)
-
-
 # --------------------------------------------------------------------------------------------------
 # Shared field helpers for the defenses below
 

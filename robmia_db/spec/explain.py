@@ -11,13 +11,6 @@ from robmia_db.spec.defenses import DEFENSE_PARAMS
 from robmia_db.spec.models import AdversarialSignal, BenignSignal, ExperimentSpec, VerifiedSignal
 
 
-def _type_text(annotation: Any) -> str:
-    text = repr(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace("Annotated[", "").replace(
-        ", FieldInfo(annotation=NoneType, required=True, metadata=[Gt(gt=0)])]", ""
-    )
-
-
 def _model_class(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation

@@ -254,10 +254,6 @@ def current_version(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0] or 0)
 
 
-def needs_migration(con: duckdb.DuckDBPyConnection) -> bool:
-    return current_version(con) < SCHEMA_VERSION
-
-
 def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None) -> int:
     """Bring the schema to SCHEMA_VERSION and (re)create the views. Returns the starting version."""
     start = current_version(con)

@@ -11,21 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SIGNAL_COLUMNS = (
-    "signal_key",
-    "model_key",
-    "example_id",
-    "label",
-    "is_member",
-    "loss",
-    "confidence",
-    "margin",
-    "entropy",
-    "mentropy",
-    "is_correct",
-    "probs",
-)
-
 _LOG_FLOOR = np.log(np.finfo(np.float64).tiny)
 
 
