@@ -7,6 +7,7 @@ A `.sql` attack's leading `-- ` comment block is TOML:
     -- needs = ["signal"]
     -- params = { temperature = 1.0 }
     -- description = "..."
+    -- decision_threshold = 0.0      (optional: the attack's own rule, member iff score >= it)
     SELECT model_key, example_id, confidence / $temperature AS score FROM target
 
 `needs` says which relations the attack reads and how often it is scored:
@@ -33,7 +34,7 @@ from robmia_db.errors import AttackDefinitionError
 
 KIND_NEEDS = ("benign", "adversarial", "verified")
 KNOWN_NEEDS = ("signal", *KIND_NEEDS, "reference_models")
-HEADER_KEYS = {"title", "paper", "needs", "params", "description"}
+HEADER_KEYS = {"title", "paper", "needs", "params", "description", "decision_threshold"}
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _STRINGS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
 _LINE_COMMENTS = re.compile(r"--[^\n]*")
@@ -57,6 +58,9 @@ class AttackDefinition:
     function: Callable[..., Any] | None = None
     origin: str = "builtin"
     extra: dict[str, Any] = field(default_factory=dict)
+    # the attack's own decision rule: member iff score >= decision_threshold (None: the attack has none,
+    # only the threshold-free metrics and the oracle / calibrated thresholds apply)
+    decision_threshold: float | None = None
 
     @property
     def signal_kind(self) -> str | None:
@@ -132,6 +136,20 @@ def _check_header(path: str, header: dict[str, Any], language: str) -> tuple[lis
     return needs, params
 
 
+def _decision_threshold(path: str, header: dict[str, Any]) -> float | None:
+    value = header.get("decision_threshold")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value != value
+        or abs(value) == float("inf")
+    ):
+        raise AttackDefinitionError(path, f"`decision_threshold` must be a finite number (got {value!r})")
+    return float(value)
+
+
 def parse_sql_attack(path: str | Path, origin: str = "user") -> AttackDefinition:
     path = Path(path)
     try:
@@ -169,6 +187,7 @@ def parse_sql_attack(path: str | Path, origin: str = "user") -> AttackDefinition
         name=path.stem, title=str(header["title"]), paper=str(header.get("paper", "")), needs=needs,
         params=params, description=str(header.get("description", "")).strip(), language="sql",
         source=source, path=str(path), sql=sql, origin=origin,
+        decision_threshold=_decision_threshold(str(path), header),
     )  # fmt: skip
 
 
@@ -202,6 +221,7 @@ def parse_python_attack(path: str | Path, origin: str = "user") -> AttackDefinit
         name=path.stem, title=str(header["title"]), paper=str(header.get("paper", "")), needs=needs,
         params=params, description=str(header.get("description", "")).strip(), language="python",
         source=source, path=str(path), function=function, origin=origin,
+        decision_threshold=_decision_threshold(str(path), header),
     )  # fmt: skip
 
 
