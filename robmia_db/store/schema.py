@@ -255,26 +255,35 @@ def current_version(con: duckdb.DuckDBPyConnection) -> int:
 
 
 def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None) -> int:
-    """Bring the schema to SCHEMA_VERSION and (re)create the views. Returns the starting version."""
+    """Bring the schema to SCHEMA_VERSION and (re)create the views. Returns the starting version.
+
+    Everything happens in one transaction: a new store is created and migrated at once, so a kill at any
+    moment leaves either a complete store or an empty file (which the next write open finishes), never a
+    store with an empty `schema_version` that every later command refuses.
+    """
+    from robmia_db.testhooks import kill_point
+
     start = current_version(con)
     if start > SCHEMA_VERSION:
         raise StoreError(
             f"the store has schema version {start}, newer than this robmia-db ({SCHEMA_VERSION}): upgrade robmia-db"
         )
-    if start == 0:
-        con.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)"
-        )
-    for version in range(start, SCHEMA_VERSION):
-        con.execute("BEGIN TRANSACTION")
-        try:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if start == 0:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)"
+            )
+        for version in range(start, SCHEMA_VERSION):
             con.execute(MIGRATIONS[version])
             con.execute("INSERT INTO schema_version VALUES (?, ?)", [version + 1, datetime.now(timezone.utc)])
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
-    con.execute(VIEWS_SQL)
-    for sql in extra_views or []:
-        con.execute(sql)
+        if start < SCHEMA_VERSION:
+            kill_point("store-migrating")
+        con.execute(VIEWS_SQL)
+        for sql in extra_views or []:
+            con.execute(sql)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
     return start
