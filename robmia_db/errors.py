@@ -64,3 +64,11 @@ class StoreLockedError(StoreError):
 
 class ImportDataError(RobmiaError):
     """External per-sample outputs failed validation; nothing was imported."""
+
+
+class CheckpointError(RobmiaError):
+    """A model's checkpoint is missing, or is not the file the store recorded for it."""
+
+
+class TrainingDivergedError(RobmiaError):
+    """A model's loss or signals went NaN or infinite; the message names the epoch or perturbation."""

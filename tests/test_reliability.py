@@ -124,3 +124,144 @@ def test_a_symlinked_store_shares_the_run_lock_of_its_target(tmp_path, write_spe
         result = cli("run", str(spec), "--db", str(link))
     one_line_error(result, "is being written by", f"process {os.getpid()}", "the test's own run")
     assert not db.exists()
+
+
+# ---- items 3, 4, 5, 6: leftovers, checkpoint integrity, lost checkpoints, diverged training
+
+EXTRA_SIGNALS = {
+    "signals": [
+        {"kind": "benign", "name": "benign"},
+        {"kind": "adversarial", "name": "pgd", "eps": "auto", "steps": 20},
+        {"kind": "adversarial", "name": "pgd5", "eps": "auto", "steps": 5},
+    ]
+}
+
+
+def rows(db: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def model_keys(db: Path) -> dict[str, str]:
+    return dict(rows(db, "SELECT model_name, model_key FROM models"))
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_leftover_tmp_files_of_dead_processes_are_cleaned_by_the_next_run(trained_store, tmp_path):
+    db = trained_store.copy_to(tmp_path / "s")
+    folder = db.with_name("store.checkpoints")
+    key = model_keys(db)["tiny/natural-s0"]
+    dead = folder / f"{key}.pt.tmp{dead_pid()}"
+    dead.touch()
+    alive = folder / f"{key}.pt.tmp{os.getpid()}"  # a live process may still be writing it
+    alive.touch()
+    result = cli("run", str(trained_store.spec_path), "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert not dead.exists() and alive.exists()
+
+
+def test_swapped_checkpoints_fail_their_models_instead_of_storing_the_other_models_signals(
+    trained_store, tmp_path, write_spec
+):
+    db = trained_store.copy_to(tmp_path / "s")
+    keys = model_keys(db)
+    folder = db.with_name("store.checkpoints")
+    a, b = folder / f"{keys['tiny/natural-s0']}.pt", folder / f"{keys['tiny/pgd_at-eps0.1-s0']}.pt"
+    a.rename(tmp_path / "swap")
+    b.rename(a)
+    (tmp_path / "swap").rename(b)
+    spec = write_spec(EXTRA_SIGNALS)
+    result = cli("run", str(spec), "--db", str(db))
+    assert result.returncode == 1
+    assert "sha256 differs" in result.stderr and "--retrain" in result.stderr
+    stored = rows(db, "SELECT model_name, status, error FROM v_models ORDER BY model_name")
+    assert [(name, status) for name, status, _ in stored] == [
+        ("tiny/natural-s0", "completed"),
+        ("tiny/pgd_at-eps0.1-s0", "completed"),
+    ]
+    assert all("sha256 differs" in error for _, _, error in stored)
+    assert rows(db, "SELECT count(*) FROM perturbations WHERE name = 'pgd5'") == [(0,)]
+
+    # without a recorded hash (a store from before it was recorded) the file's own model key refuses it
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE models SET checkpoint_sha256 = NULL")
+    con.close()
+    result = cli("run", str(spec), "--db", str(db))
+    assert result.returncode == 1
+    natural_error = rows(db, "SELECT error FROM v_models WHERE model_name = 'tiny/natural-s0'")[0][0]
+    assert f"holds model {keys['tiny/pgd_at-eps0.1-s0']}" in natural_error
+    assert rows(db, "SELECT count(*) FROM perturbations WHERE name = 'pgd5'") == [(0,)]
+
+
+def test_a_cnn_checkpoint_under_an_mlp_key_is_refused(trained_store, tmp_path, write_spec):
+    from robmia_db.runner.models import build_model, save_checkpoint
+
+    db = trained_store.copy_to(tmp_path / "s")
+    key = model_keys(db)["tiny/natural-s0"]
+    target = db.with_name("store.checkpoints") / f"{key}.pt"
+    cnn = build_model("cnn", (1, 8, 8), 10, 1.0)
+    meta = {"arch": "cnn", "input_shape": [1, 8, 8], "n_classes": 10, "width": 1.0, "options": {}}
+    save_checkpoint(target, cnn, {**meta, "model_key": key})
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE models SET checkpoint_sha256 = NULL")  # only the file's own record can tell
+    con.close()
+    result = cli("run", str(write_spec(EXTRA_SIGNALS)), "--db", str(db))
+    assert result.returncode == 1
+    error = rows(db, f"SELECT error FROM v_models WHERE model_key = '{key}'")[0][0]
+    assert "(cnn, arch 'cnn')" in error and "(mlp, arch 'mlp')" in error
+
+
+def test_a_lost_checkpoint_is_recorded_and_retrain_brings_the_model_back(trained_store, tmp_path, write_spec):
+    db = trained_store.copy_to(tmp_path / "s")
+    key = model_keys(db)["tiny/natural-s0"]
+    checkpoint = db.with_name("store.checkpoints") / f"{key}.pt"
+    checkpoint.unlink()
+    benign_before = rows(db, f"SELECT example_id, loss FROM v_signals WHERE model_key = '{key}' "
+                         "AND perturbation = 'benign' ORDER BY example_id")  # fmt: skip
+    spec = write_spec(EXTRA_SIGNALS)
+    result = cli("run", str(spec), "--db", str(db))
+    assert result.returncode == 1 and "v_models.error" in result.stdout + result.stderr
+    status, error = rows(db, f"SELECT status, error FROM v_models WHERE model_key = '{key}'")[0]
+    assert status == "completed" and "is missing" in error and f"--retrain {key}" in error
+
+    result = cli("run", str(spec), "--db", str(db), "--retrain", "tiny/natural-s0")
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.exists()
+    assert rows(db, f"SELECT status, error FROM v_models WHERE model_key = '{key}'") == [("completed", None)]
+    assert rows(db, f"SELECT count(*) FROM perturbations WHERE model_key = '{key}'") == [(3,)]
+    benign_after = rows(db, f"SELECT example_id, loss FROM v_signals WHERE model_key = '{key}' "
+                        "AND perturbation = 'benign' ORDER BY example_id")  # fmt: skip
+    assert benign_after == benign_before  # same seed, one thread: the retrained model is the same model
+    one_line_error(cli("run", str(spec), "--db", str(db), "--retrain", "nope"), "--retrain nope")
+
+
+def test_checkpoints_are_found_after_the_store_is_renamed(trained_store, tmp_path, write_spec):
+    db = trained_store.copy_to(tmp_path / "s")
+    renamed = db.with_name("renamed.duckdb")
+    db.rename(renamed)
+    assert not renamed.with_name("renamed.checkpoints").exists()
+    result = cli("run", str(write_spec(EXTRA_SIGNALS)), "--db", str(renamed))
+    assert result.returncode == 0, result.stderr
+    assert rows(renamed, "SELECT count(*) FROM perturbations WHERE name = 'pgd5'") == [(2,)]
+    stored = rows(renamed, "SELECT DISTINCT checkpoint FROM models")
+    assert all(not Path(path).is_absolute() for (path,) in stored)
+
+
+def test_a_diverging_model_is_recorded_failed_with_its_epoch(tmp_path, write_spec):
+    db = tmp_path / "s.duckdb"
+    spec = write_spec(
+        {"training": {"defenses": ["natural"], "epochs": 3, "optimizer": {"name": "sgd", "lr": 1e30}}}
+    )
+    result = cli("run", str(spec), "--db", str(db))
+    assert result.returncode == 1
+    status, error = rows(db, "SELECT status, error FROM v_models")[0]
+    assert status == "failed" and error.startswith("training diverged at epoch ")
+    assert "training diverged at epoch" in result.stderr

@@ -48,11 +48,21 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the spec's runtime.device."
 )
+@click.option(
+    "--retrain",
+    multiple=True,
+    metavar="MODEL",
+    help="Train this model (key or name) again from scratch, replacing its checkpoint, signals and scores.",
+)
 @handle_errors
-def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, device: str | None) -> None:
+def run_command(
+    specs: tuple[str, ...], dry_run: bool, threads: int | None, device: str | None, retrain: tuple[str, ...]
+) -> None:
     """Train what the store lacks and record per-sample signals; skip what exists.
 
-    Models that fail are recorded as failed and the run goes on; the exit code is 1 if any failed.
+    Models that fail are recorded as failed (why: v_models.error) and the run goes on; the exit code is 1
+    if any failed. A model whose checkpoint is lost or was replaced fails with that reason; `--retrain`
+    trains it again.
 
     Example: robmia-db run specs/quickstart.toml --db robmia.duckdb
     """
@@ -74,6 +84,7 @@ def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, devi
             device=device,
             dry_run=dry_run,
             loaded=loaded,
+            retrain=list(retrain),
         )
     print_summary(summary, dry_run=dry_run)
     if summary.failed:
@@ -87,18 +98,15 @@ def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, devi
     "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
 )
 @click.option("--max-rows", type=int, default=200, show_default=True, help="Rows shown by --format table.")
-@click.option(
-    "--timeout", type=float, default=15.0, show_default=True, help="Seconds to wait for a busy store."
-)
 @handle_errors
-def sql_command(query: str, fmt: str, max_rows: int, timeout: float) -> None:
+def sql_command(query: str, fmt: str, max_rows: int) -> None:
     """Run read-only SQL on the store (views: v_models, v_signals, v_perturbations, ...).
 
     Example: robmia-db sql "SELECT model_name, kind, is_member, avg(confidence) FROM v_signals GROUP BY ALL"
     """
     from robmia_db.store.query import format_result, run_query
 
-    table = run_query(get_state().db_path, query, timeout_s=timeout)
+    table = run_query(get_state().db_path, query)
     click.echo(format_result(table, fmt, max_rows=max_rows), nl=False)
 
 

@@ -9,10 +9,12 @@ training also keeps a partial checkpoint so a killed run resumes mid-training.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -24,15 +26,23 @@ from typing import Any, Protocol
 import torch
 
 from robmia_db.datasets import LoadedDataset, load_dataset
-from robmia_db.errors import RobmiaError, SpecError, SpecErrors
+from robmia_db.errors import RobmiaError, SpecError, SpecErrors, TrainingDivergedError
+from robmia_db.runner.checkpoints import (
+    check_finite,
+    checkpoint_location,
+    clean_leftovers,
+    file_sha256,
+    load_verified,
+)
 from robmia_db.runner.data import MembershipSplit, examples_table, split_membership
 from robmia_db.runner.defenses import TrainProgress, build_defense
-from robmia_db.runner.models import build_model, load_checkpoint, save_checkpoint
+from robmia_db.runner.models import build_model, save_checkpoint
 from robmia_db.runner.signals import compute_signal_columns
 from robmia_db.spec import LoadedSpec, ModelJob, PerturbationJob, load_specs
 from robmia_db.store import ingest
-from robmia_db.store.connection import checkpoint_dir, run_lock, writing
+from robmia_db.store.connection import checkpoint_dir, resolved, run_lock, writing
 from robmia_db.store.signals import signal_table
+from robmia_db.testhooks import fail_point, kill_point, wait_point
 
 PARTIAL_SAVE_INTERVAL_S = 30.0
 
@@ -290,6 +300,10 @@ def train_model(
         sizes = torch.full((len(batch_losses),), float(batch_size), device=device)
         sizes[-1] = n - batch_size * (len(batch_losses) - 1)
         epoch_loss = float((torch.stack(batch_losses) * sizes).sum()) / n
+        if not math.isfinite(epoch_loss):
+            raise TrainingDivergedError(
+                f"training diverged at epoch {epoch + 1}/{epochs} (loss {epoch_loss})"
+            )
         stats = {"epoch": epoch + 1, "loss": epoch_loss, "seconds": time.perf_counter() - started}
         stats.update(defense.describe_epoch(TrainProgress(epoch, step, steps_per_epoch, epochs)))
         history.append(stats)
@@ -348,17 +362,23 @@ def execute_job(
     reporter: Reporter,
     provenance: tuple,
     eval_batch_size: int,
+    stored: dict[str, Any] | None = None,
+    retrain: bool = False,
 ) -> ModelOutcome:
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
     dataset = datasets.get(job)
     split = split_membership(dataset, job.identity)
     checkpoints = checkpoint_dir(db_path)
-    checkpoint = checkpoints / f"{job.model_key}.pt"
+    stored = stored or {}
+    checkpoint = checkpoint_location(db_path, job.model_key, stored.get("checkpoint"))
     train_seconds = None
     history: list[dict[str, Any]] = []
-    if action == "train" and not checkpoint.exists():
+    if action == "train" and (retrain or not checkpoint.exists()):
+        checkpoint = checkpoints / f"{job.model_key}.pt"
         partial = checkpoints / f"{job.model_key}.partial.pt"
+        if retrain:
+            partial.unlink(missing_ok=True)
         t0 = time.perf_counter()
         model, history = train_model(job, dataset, split, device, reporter, partial)
         train_seconds = time.perf_counter() - t0
@@ -372,8 +392,9 @@ def execute_job(
         )  # fmt: skip
         partial.unlink(missing_ok=True)
     else:
-        # a finished checkpoint without its store rows (killed between the two) is reused, not retrained
-        model, _ = load_checkpoint(checkpoint, device)
+        # a finished checkpoint without its store rows (killed between the two) is reused, not retrained;
+        # either way the file must prove to be this model's before its signals are stored under its key
+        model = load_verified(checkpoint, job, dataset, stored.get("sha256"), device)
     wanted = [p for p in job.perturbations if action == "train" or p.signal_key not in existing_signal_keys]
     ids = split.evaluated_ids
     is_member = split.is_member
@@ -385,6 +406,7 @@ def execute_job(
         reporter.perturbation_started(job, perturbation, index, len(wanted))
         t0 = time.perf_counter()
         columns = compute_signal_columns(model, x_eval, y_eval, perturbation.settings, eval_batch_size)
+        check_finite(columns, job, perturbation)
         table = signal_table(perturbation.signal_key, job.model_key, ids, dataset.y[ids], is_member, columns)
         record = ingest.PerturbationRecord(
             perturbation.signal_key, job.model_key, perturbation.name, perturbation.kind, perturbation.eps,
@@ -398,7 +420,12 @@ def execute_job(
         job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device
     )
     model_record.dataset_checksum = datasets.checksum(dataset)
-    with writing(db_path) as con:
+    model_record.checkpoint = os.path.relpath(checkpoint, resolved(db_path).parent)
+    model_record.checkpoint_sha256 = file_sha256(checkpoint)
+    wait_point("model-ready")
+    fail_point("model-write")
+    # a finished model is never dropped because a reader holds the store: wait for it, saying whom for
+    with writing(db_path, wait_forever=True, on_wait=_waiting) as con:
         ingest.write_model(
             con,
             model_record,
@@ -406,15 +433,53 @@ def execute_job(
             examples_table(dataset, ids) if action == "train" else None,
             records,
         )
+    kill_point("model-written")
     return ModelOutcome(job, action, time.perf_counter() - started, accuracies=accuracies)
 
 
-def _stored_state(db_path: Path, jobs: list[ModelJob]) -> dict[str, dict[str, Any]]:
+def _waiting(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _record_failure(db_path: Path, job: ModelJob, exc: Exception, provenance, device) -> ModelOutcome:
+    """Store why a model failed (our own errors as their message, anything else as its traceback)."""
+    if isinstance(exc, RobmiaError):
+        message = str(exc)
+        detail = message
+    elif isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+        detail = "".join(traceback.format_exception(exc))[-4000:]
+    else:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        detail = "".join(traceback.format_exception(exc))[-4000:]
+    outcome = ModelOutcome(job, "failed", error=message.splitlines()[0])
+    record = _model_record(job, None, None, None, provenance, None, None, [], device)
+    record.error = detail
+    try:
+        with writing(db_path, wait_forever=True, on_wait=_waiting) as con:
+            ingest.write_failed_model(con, record)
+    except (RobmiaError, OSError) as write_error:
+        outcome.error += f" (and its failure could not be recorded: {write_error})"
+    return outcome
+
+
+def _retrain_keys(jobs: list[ModelJob], wanted: list[str]) -> set[str]:
+    keys: set[str] = set()
+    for name in wanted:
+        matches = {job.model_key for job in jobs if name in (job.model_key, job.model_name)}
+        if not matches:
+            raise RobmiaError(f"--retrain {name}: no model of the given specs has this key or name")
+        keys |= matches
+    return keys
+
+
+def _stored_state(db_path: Path, jobs: list[ModelJob], write: bool = False) -> dict[str, dict[str, Any]]:
+    """What the store holds of these jobs; `write` (a real run) also finishes an interrupted store."""
     if not db_path.exists():
         return {}
     from robmia_db.store.connection import reading
 
-    with reading(db_path) as con:
+    with (writing if write else reading)(db_path) as con:
         return ingest.existing_models(con, [job.model_key for job in jobs])
 
 
@@ -426,11 +491,13 @@ def run_specs(
     device: str | None = None,
     dry_run: bool = False,
     loaded: list[LoadedSpec] | None = None,
+    retrain: list[str] | None = None,
 ) -> RunSummary:
     """Run specs into a store: validate all, then train and record what the store lacks.
 
     Raises SpecErrors before any work if any spec is invalid or its data is missing. A model that fails
-    is recorded as failed and the run goes on; callers check `summary.failed`.
+    is recorded as failed and the run goes on; callers check `summary.failed`. `retrain` names models (key
+    or name) to train again from scratch, replacing their checkpoint, signals and scores.
     """
     reporter = reporter or SilentReporter()
     db_path = Path(db_path)
@@ -449,6 +516,7 @@ def run_specs(
                 continue
             seen[job.model_key] = job
             jobs.append(job)
+    retrain_keys = _retrain_keys(jobs, retrain or [])
     thread_count = threads or next(
         (item.spec.runtime.threads for item in loaded if item.spec.runtime.threads), None
     )
@@ -458,15 +526,18 @@ def run_specs(
     if dry_run:
         existing = _stored_state(db_path, jobs)
         actions = plan_actions(jobs, existing)
+        actions.update({key: "train" for key in retrain_keys})
         reporter.plan(jobs, actions)
         return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs])
 
     outcomes: list[ModelOutcome] = []
     with run_lock(db_path):
         # planned under the lock: a run that finished meanwhile is seen, and a refused run prints no plan
-        existing = _stored_state(db_path, jobs)
+        existing = _stored_state(db_path, jobs, write=True)
         actions = plan_actions(jobs, existing)
+        actions.update({key: "train" for key in retrain_keys})
         reporter.plan(jobs, actions)
+        clean_leftovers(checkpoint_dir(db_path))
         with writing(db_path) as con:
             for item in loaded:
                 ingest.upsert_experiment(
@@ -496,19 +567,12 @@ def run_specs(
                     outcome = execute_job(
                         job, action, existing.get(job.model_key, {}).get("signal_keys", set()), db_path, datasets,
                         torch_device, reporter, provenance, int(job.runtime.get("eval_batch_size") or 512),
+                        stored=existing.get(job.model_key), retrain=job.model_key in retrain_keys,
                     )  # fmt: skip
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one model's failure must not stop the others
-                    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                    outcome = ModelOutcome(job, "failed", error=message)
-                    record = _model_record(job, None, None, None, provenance, None, None, [], torch_device)
-                    record.error = "".join(traceback.format_exception(exc))[-4000:]
-                    try:
-                        with writing(db_path) as con:
-                            ingest.write_failed_model(con, record)
-                    except RobmiaError:
-                        pass
+                    outcome = _record_failure(db_path, job, exc, provenance, torch_device)
             reporter.model_finished(outcome)
             outcomes.append(outcome)
     return RunSummary(db_path, outcomes)

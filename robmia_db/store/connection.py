@@ -157,7 +157,8 @@ def connect(
     `wait_forever` (with `on_wait(message)` called once per timeout period) is for writes that must not
     be lost, such as a finished model: a reader that holds the file delays it, never discards it.
     """
-    path = resolved(db_path)
+    path = Path(db_path)  # as the user gave it, for messages; DuckDB opens the resolved file
+    real = resolved(db_path)
     timeout_s = _timeout(timeout_s, DEFAULT_TIMEOUT_S)
     if not path.exists() and not create:
         raise StoreError(f"no store at {path} (create one with `robmia-db run SPEC` or `robmia-db import`)")
@@ -174,13 +175,13 @@ def connect(
     delay = 0.02
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(str(real), read_only=read_only)
             break
         except duckdb.IOException as exc:
             if not _is_lock_error(exc):
                 raise StoreError(f"cannot open {path}: {str(exc).splitlines()[0]}") from exc
             if time.monotonic() >= deadline:
-                holder = _holders(path, str(exc))
+                holder = _holders(real, str(exc))
                 if not wait_forever:
                     raise StoreLockedError(
                         f"{path} is locked by {holder}; waited {timeout_s:g} s (retry, or raise --timeout)"

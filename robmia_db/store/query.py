@@ -13,11 +13,11 @@ import duckdb
 import pyarrow as pa
 
 from robmia_db.errors import StoreError
-from robmia_db.store.connection import DEFAULT_TIMEOUT_S, reading
+from robmia_db.store.connection import reading
 
 
 def run_query(
-    db_path: str | Path, sql: str, params: dict[str, Any] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    db_path: str | Path, sql: str, params: dict[str, Any] | None = None, timeout_s: float | None = None
 ) -> pa.Table:
     """Run SQL on a read-only connection and return an Arrow table; SQL errors become one-line StoreErrors."""
     with reading(db_path, timeout_s=timeout_s) as con:

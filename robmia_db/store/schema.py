@@ -151,6 +151,10 @@ MIGRATIONS: list[str] = [
     # 3: no table change; bumping the version makes older stores refresh their views (v_attacks,
     # v_models.package_versions) on the next open
     "SELECT 1;",
+    # 4 (reliability, issue 14 item 4): each checkpoint's sha256, checked before the file is used again, so
+    # a swapped or replaced checkpoint fails its model instead of storing another model's signals.
+    # `models.checkpoint` holds the path relative to the store's folder from now on (found after a rename).
+    "ALTER TABLE models ADD COLUMN checkpoint_sha256 VARCHAR;",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
