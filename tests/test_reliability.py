@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -265,3 +266,74 @@ def test_a_diverging_model_is_recorded_failed_with_its_epoch(tmp_path, write_spe
     status, error = rows(db, "SELECT status, error FROM v_models")[0]
     assert status == "failed" and error.startswith("training diverged at epoch ")
     assert "training diverged at epoch" in result.stderr
+
+
+# ---- item 8: readers never cost a finished model; lock messages name real holders; --timeout everywhere
+
+HOLD = "import duckdb, sys, time; con = duckdb.connect(sys.argv[1], read_only={ro}); print('open', flush=True); time.sleep(float(sys.argv[2]))"
+
+
+def hold_store(db: Path, seconds: float, read_only: bool = True) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(ro=read_only), str(db), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "open"
+    return holder
+
+
+def test_a_long_lived_reader_delays_a_finished_model_but_never_loses_it(trained_store, tmp_path, write_spec):
+    db = trained_store.copy_to(tmp_path / "s")
+    gate = tmp_path / "go"
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "robmia_db",
+            "run",
+            str(write_spec(EXTRA_SIGNALS)),
+            "--db",
+            str(db),
+            "--timeout",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(ROBMIA_TEST_WAIT_AT=f"model-ready:{gate}"),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not gate.with_name("go.reached").exists():
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else ""
+            time.sleep(0.05)
+        reader = hold_store(db, 4.0)  # a notebook's read-only connection, held past the 1 s timeout
+        gate.touch()
+        out, err = run.communicate(timeout=180)
+        reader.wait(timeout=30)
+    finally:
+        run.kill()
+    assert run.returncode == 0, err
+    assert f"waiting for process {reader.pid} (python" in err
+    assert "a run by process" not in err  # the run's own lock is no holder to wait for
+    assert rows(db, "SELECT count(*) FROM perturbations WHERE name = 'pgd5'") == [(2,)]
+
+
+def test_every_store_command_takes_timeout_and_names_the_holder(trained_store, tmp_path):
+    db = trained_store.copy_to(tmp_path / "s")
+    writer = hold_store(db, 120.0, read_only=False)
+    try:
+        for args in (
+            ("--timeout", "0.5", "models", "--db", str(db)),
+            ("models", "--db", str(db), "--timeout", "0.5"),
+            ("sql", "SELECT 1", "--db", str(db), "--timeout", "0.5"),
+            ("report", "--db", str(db), "--timeout", "0.5", "-o", str(tmp_path / "r.html")),
+            ("score", "--db", str(db), "--timeout", "0.5"),
+        ):
+            started = time.monotonic()
+            result = cli(*args)
+            one_line_error(result, f"locked by process {writer.pid} (python", "waited 0.5 s")
+            assert time.monotonic() - started < 20
+    finally:
+        writer.kill()
