@@ -83,16 +83,20 @@ def _retrain_hint(job: ModelJob) -> str:
     return f"retrain it with `robmia-db run {job.spec_path} --retrain {job.model_key}`"
 
 
-def load_verified(path: Path, job: ModelJob, dataset: LoadedDataset, sha256: str | None, device):
-    """Load a stored checkpoint after checking it is this model's: recorded hash and the file's own key."""
-    if not path.exists():
+def load_verified(
+    source: Path | bytes, job: ModelJob, dataset: LoadedDataset, sha256: str | None, device, shown: Path
+):
+    """Load a stored checkpoint (a file, or its bytes read by the driver) after checking it is this model's:
+    the recorded sha256 and the file's own record. `shown` is the path named in messages."""
+    if isinstance(source, Path) and not source.exists():
         raise CheckpointError(
-            f"the checkpoint of {job.model_name} ({job.model_key}) is missing (looked for {path}); "
+            f"the checkpoint of {job.model_name} ({job.model_key}) is missing (looked for {shown}); "
             + _retrain_hint(job)
         )
-    if sha256 and file_sha256(path) != sha256:
+    found = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else file_sha256(source)
+    if sha256 and found != sha256:
         raise CheckpointError(
-            f"{path} is not the checkpoint recorded for {job.model_name} ({job.model_key}): its sha256 "
+            f"{shown} is not the checkpoint recorded for {job.model_name} ({job.model_key}): its sha256 "
             f"differs (swapped or replaced?); restore it, or {_retrain_hint(job)}"
         )
     expect = {
@@ -100,13 +104,15 @@ def load_verified(path: Path, job: ModelJob, dataset: LoadedDataset, sha256: str
         "input_shape": list(dataset.input_shape), "n_classes": dataset.n_classes,
     }  # fmt: skip
     try:
-        model, _ = load_checkpoint(path, device, expect=expect)
+        model, _ = load_checkpoint(source, device, expect=expect)
     except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; {_retrain_hint(job)}") from None
-    except Exception as exc:
         raise CheckpointError(
-            f"{path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            + _retrain_hint(job)
+            f"{str(exc).replace('the checkpoint', str(shown), 1)}; {_retrain_hint(job)}"
+        ) from None
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"{shown} cannot be loaded ({type(exc).__name__}: {first}); {_retrain_hint(job)}"
         ) from None
     return model
 

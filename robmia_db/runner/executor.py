@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import torch
 
 from robmia_db.datasets import LoadedDataset, load_dataset
@@ -36,7 +37,7 @@ from robmia_db.runner.checkpoints import (
 )
 from robmia_db.runner.data import MembershipSplit, examples_table, split_membership
 from robmia_db.runner.defenses import TrainProgress, build_defense
-from robmia_db.runner.models import build_model, save_checkpoint
+from robmia_db.runner.models import build_model, checkpoint_bytes, save_checkpoint, write_atomically
 from robmia_db.runner.signals import compute_signal_columns
 from robmia_db.spec import LoadedSpec, ModelJob, PerturbationJob, load_specs
 from robmia_db.store import ingest
@@ -352,49 +353,83 @@ def _model_record(job, dataset, split, checkpoint, provenance, started_at, train
     )  # fmt: skip
 
 
-def execute_job(
+@dataclass
+class ModelResult:
+    """Everything one model produced, ready for the driver's single write transaction.
+
+    A worker (this process, or a Ray task on another machine) builds it; only the driver writes the store.
+    `checkpoint_bytes` is set when the worker hands the checkpoint over instead of writing
+    `checkpoint_path` itself (a worker without the driver's filesystem).
+    """
+
+    job: ModelJob
+    action: str
+    record: ingest.ModelRecord
+    membership: pa.Table | None
+    examples: pa.Table | None
+    perturbations: list[ingest.PerturbationRecord]
+    accuracies: dict[str, float | None]
+    checkpoint_path: Path
+    checkpoint_bytes: bytes | None = None
+    seconds: float = 0.0
+
+
+def compute_model(
     job: ModelJob,
     action: str,
     existing_signal_keys: set[str],
-    db_path: Path,
-    datasets: DatasetCache,
+    dataset: LoadedDataset,
+    checkpoints: Path,
     device: torch.device,
     reporter: Reporter,
     provenance: tuple,
     eval_batch_size: int,
-    stored: dict[str, Any] | None = None,
+    *,
+    dataset_checksum: str | None = None,
+    prior_checkpoint: bytes | None = None,
+    checkpoint_as_bytes: bool = False,
+    stored_checkpoint: Path | None = None,
+    checkpoint_sha256: str | None = None,
     retrain: bool = False,
-) -> ModelOutcome:
+) -> ModelResult:
+    """Train one model (or load its checkpoint) and compute its signals; writes nothing to the store.
+
+    `prior_checkpoint` is a finished checkpoint the driver already holds (models that only need new
+    perturbations, or a checkpoint stored before a kill); without it the checkpoint folder is looked at.
+    With `checkpoint_as_bytes` the new checkpoint is returned, not written, and the partial checkpoint is
+    left for the driver to remove once the final one is safely on its disk. A reused checkpoint must match
+    `checkpoint_sha256` (what the store recorded) and its own model key and architecture; `stored_checkpoint`
+    is where the store found it (a renamed store keeps finding its old folder). `retrain` ignores it.
+    """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
-    dataset = datasets.get(job)
     split = split_membership(dataset, job.identity)
-    checkpoints = checkpoint_dir(db_path)
-    stored = stored or {}
-    checkpoint = checkpoint_location(db_path, job.model_key, stored.get("checkpoint"))
+    checkpoint = checkpoints / f"{job.model_key}.pt"
     train_seconds = None
     history: list[dict[str, Any]] = []
-    if action == "train" and (retrain or not checkpoint.exists()):
-        checkpoint = checkpoints / f"{job.model_key}.pt"
+    content = None
+    if action == "train" and (retrain or (prior_checkpoint is None and not checkpoint.exists())):
         partial = checkpoints / f"{job.model_key}.partial.pt"
         if retrain:
             partial.unlink(missing_ok=True)
         t0 = time.perf_counter()
         model, history = train_model(job, dataset, split, device, reporter, partial)
         train_seconds = time.perf_counter() - t0
-        save_checkpoint(
-            checkpoint,
-            model,
-            {
-                "arch": job.arch, "input_shape": list(dataset.input_shape), "n_classes": dataset.n_classes,
-                "width": job.width, "options": job.identity["model"]["options"], "model_key": job.model_key,
-            },
-        )  # fmt: skip
-        partial.unlink(missing_ok=True)
+        meta = {
+            "arch": job.arch, "input_shape": list(dataset.input_shape), "n_classes": dataset.n_classes,
+            "width": job.width, "options": job.identity["model"]["options"], "model_key": job.model_key,
+        }  # fmt: skip
+        if checkpoint_as_bytes:
+            content = checkpoint_bytes(model, meta)
+        else:
+            save_checkpoint(checkpoint, model, meta)
+            partial.unlink(missing_ok=True)
     else:
         # a finished checkpoint without its store rows (killed between the two) is reused, not retrained;
-        # either way the file must prove to be this model's before its signals are stored under its key
-        model = load_verified(checkpoint, job, dataset, stored.get("sha256"), device)
+        # either way the file must prove to be this model's before signals are stored under its key
+        shown = stored_checkpoint or checkpoint
+        source = prior_checkpoint if prior_checkpoint is not None else shown
+        model = load_verified(source, job, dataset, checkpoint_sha256, device, shown)
     wanted = [p for p in job.perturbations if action == "train" or p.signal_key not in existing_signal_keys]
     ids = split.evaluated_ids
     is_member = split.is_member
@@ -419,38 +454,62 @@ def execute_job(
     model_record = _model_record(
         job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device
     )
-    model_record.dataset_checksum = datasets.checksum(dataset)
-    model_record.checkpoint = os.path.relpath(checkpoint, resolved(db_path).parent)
-    model_record.checkpoint_sha256 = file_sha256(checkpoint)
+    model_record.dataset_checksum = dataset_checksum
+    return ModelResult(
+        job=job,
+        action=action,
+        record=model_record,
+        membership=split.table() if action == "train" else None,
+        examples=examples_table(dataset, ids) if action == "train" else None,
+        perturbations=records,
+        accuracies=accuracies,
+        checkpoint_path=checkpoint,
+        checkpoint_bytes=content,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def store_result(db_path: Path, result: ModelResult) -> ModelOutcome:
+    """The driver's part: the checkpoint onto its disk first, then the model's rows in one transaction.
+
+    In that order a kill between the two leaves a checkpoint without rows, which the rerun reuses.
+    """
+    started = time.perf_counter()
+    if result.checkpoint_bytes is not None:
+        write_atomically(result.checkpoint_path, result.checkpoint_bytes)
+        result.checkpoint_path.with_name(f"{result.job.model_key}.partial.pt").unlink(missing_ok=True)
+    if result.membership is not None:  # a new checkpoint: record where (relative to the store) and its hash
+        result.record.checkpoint = os.path.relpath(result.checkpoint_path, resolved(db_path).parent)
+        result.record.checkpoint_sha256 = file_sha256(result.checkpoint_path)
     wait_point("model-ready")
     fail_point("model-write")
     # a finished model is never dropped because a reader holds the store: wait for it, saying whom for
     with writing(db_path, wait_forever=True, on_wait=_waiting) as con:
-        ingest.write_model(
-            con,
-            model_record,
-            split.table() if action == "train" else None,
-            examples_table(dataset, ids) if action == "train" else None,
-            records,
-        )
+        ingest.write_model(con, result.record, result.membership, result.examples, result.perturbations)
     kill_point("model-written")
-    return ModelOutcome(job, action, time.perf_counter() - started, accuracies=accuracies)
+    seconds = result.seconds + time.perf_counter() - started
+    return ModelOutcome(result.job, result.action, seconds, accuracies=result.accuracies)
 
 
 def _waiting(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _record_failure(db_path: Path, job: ModelJob, exc: Exception, provenance, device) -> ModelOutcome:
-    """Store why a model failed (our own errors as their message, anything else as its traceback)."""
+def store_failure(
+    db_path: Path, job: ModelJob, exc: BaseException, provenance: tuple, device: torch.device | str
+) -> ModelOutcome:
+    """Record why a model failed (our own errors as their message, anything else with its traceback).
+
+    The run goes on; the record waits for a reader like a finished model does, and if it still cannot be
+    written the outcome says so (the summary must never point at an error column that stays empty).
+    """
     if isinstance(exc, RobmiaError):
-        message = str(exc)
-        detail = message
+        message = detail = str(exc)
     elif isinstance(exc, OSError) and exc.strerror:
-        message = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+        message = exc.strerror + (f": {exc.filename}" if exc.filename else "")
         detail = "".join(traceback.format_exception(exc))[-4000:]
     else:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        message = f"{type(exc).__name__}: {exc}"
         detail = "".join(traceback.format_exception(exc))[-4000:]
     outcome = ModelOutcome(job, "failed", error=message.splitlines()[0])
     record = _model_record(job, None, None, None, provenance, None, None, [], device)
@@ -459,7 +518,7 @@ def _record_failure(db_path: Path, job: ModelJob, exc: Exception, provenance, de
         with writing(db_path, wait_forever=True, on_wait=_waiting) as con:
             ingest.write_failed_model(con, record)
     except (RobmiaError, OSError) as write_error:
-        outcome.error += f" (and its failure could not be recorded: {write_error})"
+        outcome.error += f" (and the failure could not be recorded: {write_error})"
     return outcome
 
 
@@ -564,15 +623,20 @@ def run_specs(
                 outcome = ModelOutcome(job, "skip")
             else:
                 try:
-                    outcome = execute_job(
-                        job, action, existing.get(job.model_key, {}).get("signal_keys", set()), db_path, datasets,
-                        torch_device, reporter, provenance, int(job.runtime.get("eval_batch_size") or 512),
-                        stored=existing.get(job.model_key), retrain=job.model_key in retrain_keys,
+                    dataset = datasets.get(job)
+                    stored = existing.get(job.model_key, {})
+                    result = compute_model(
+                        job, action, stored.get("signal_keys", set()), dataset,
+                        checkpoint_dir(db_path), torch_device, reporter, provenance,
+                        int(job.runtime.get("eval_batch_size") or 512), dataset_checksum=datasets.checksum(dataset),
+                        stored_checkpoint=checkpoint_location(db_path, job.model_key, stored.get("checkpoint")),
+                        checkpoint_sha256=stored.get("sha256"), retrain=job.model_key in retrain_keys,
                     )  # fmt: skip
+                    outcome = store_result(db_path, result)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one model's failure must not stop the others
-                    outcome = _record_failure(db_path, job, exc, provenance, torch_device)
+                    outcome = store_failure(db_path, job, exc, provenance, torch_device)
             reporter.model_finished(outcome)
             outcomes.append(outcome)
     return RunSummary(db_path, outcomes)

@@ -6,6 +6,7 @@ layers. Checkpoints are state_dicts plus the few facts needed to rebuild the net
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -94,34 +95,50 @@ def build_model(
     return ARCHITECTURES[arch](tuple(input_shape), int(n_classes), width=width, **dict(options or {}))
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write atomically (tmp + os.replace): a killed run never leaves a truncated checkpoint."""
+def checkpoint_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
+    """The checkpoint file's exact content, for a worker that hands it to the driver instead of writing it."""
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "meta": meta}, buffer)
+    return buffer.getvalue()
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """tmp + os.replace: a killed run never leaves a truncated file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "meta": meta}, tmp)
+    tmp.write_bytes(content)
     os.replace(tmp, path)
 
 
+def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write atomically (tmp + os.replace): a killed run never leaves a truncated checkpoint."""
+    write_atomically(path, checkpoint_bytes(model, meta))
+
+
 def load_checkpoint(
-    path: Path, device: torch.device | str = "cpu", expect: dict[str, Any] | None = None
+    source: Path | bytes, device: torch.device | str = "cpu", expect: dict[str, Any] | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network and load its weights with weights_only=True (no arbitrary unpickling).
 
+    `source` is a checkpoint file or its bytes (a Ray worker gets them from the driver, not from disk).
     `expect` (model_key, arch, width, input_shape, n_classes) is compared with the file's own record before
     anything is built: a checkpoint of another model (swapped files, an MLP under a CNN's key) is refused.
     """
     from robmia_db.errors import CheckpointError
 
-    payload = torch.load(path, map_location=device, weights_only=True)
+    shown = "the checkpoint" if isinstance(source, bytes) else f"checkpoint {source}"
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    payload = torch.load(source, map_location=device, weights_only=True)
     meta = payload["meta"]
     for key, wanted in (expect or {}).items():
         found = meta.get(key)
-        if key in ("input_shape",):
+        if key == "input_shape":
             found, wanted = list(found or []), list(wanted)
         if found != wanted and not (key == "model_key" and found is None):
             raise CheckpointError(
-                f"checkpoint {path} holds model {meta.get('model_key')} ({meta.get('arch')}, {key} {found!r}), "
+                f"{shown} holds model {meta.get('model_key')} ({meta.get('arch')}, {key} {found!r}), "
                 f"not {expect.get('model_key')} ({expect.get('arch')}, {key} {wanted!r})"
             )
     model = build_model(
