@@ -5,7 +5,15 @@ The CLI turns any RobmiaError into one line `Error: ...` and exit code 1; `--deb
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe_text(text: object) -> str:
+    """Text with terminal control characters (escape sequences) shown as `\\x1b`, never executed."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 class RobmiaError(Exception):

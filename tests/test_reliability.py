@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 from attack_fixtures import synthetic_outputs
 from conftest import clean_env
@@ -337,3 +338,206 @@ def test_every_store_command_takes_timeout_and_names_the_holder(trained_store, t
             assert time.monotonic() - started < 20
     finally:
         writer.kill()
+
+
+# ---- items 6 and 11: strict, finite spec values within the store's column ranges
+
+STRICT_CASES = [
+    ({"training": {"optimizer": {"lr": float("inf")}}}, "training.optimizer.lr: must be a finite number"),
+    (
+        {"training": {"optimizer": {"weight_decay": float("inf")}}},
+        "training.optimizer.weight_decay: must be a finite",
+    ),
+    (
+        {"training": {"defenses": ["trades"]}, "defense": {"trades": {"beta": float("inf")}}},
+        "defense.trades.beta",
+    ),
+    ({"model": {"width": float("inf")}}, "model.width: must be a finite number"),
+    ({"training": {"eps": float("nan")}}, "training.eps: must be a finite number"),
+    ({"training": {"eps": True}}, "training.eps: must be a number (got True)"),
+    ({"training": {"epochs": "1"}}, "training.epochs: must be an integer (got '1')"),
+    ({"training": {"seeds": [True, False]}}, "training.seeds[0]: must be an integer (got True)"),
+    ({"model": {"width": ["1", "2"]}}, "model.width[0]: must be a number (got '1')"),
+    ({"model": {"width": []}}, "model.width: must not be empty"),
+    (
+        {"model": {"options": {"hidden": [-5]}}},
+        "model.options.hidden[0]: must be an integer in [1, 1000000] (got -5)",
+    ),
+    ({"attacks": {"names": ["no_such_attack"]}}, "attacks.names[0]: unknown attack 'no_such_attack'"),
+    ({"training": {"seeds": [2**31]}}, "training.seeds[0]: must be <= 2147483647"),
+    ({"data": {"split_seed": 2**40}}, "data.split_seed: must be <= 2147483647"),
+    ({"membership": {"n_members": 2**31}}, "membership.n_members: must be <= 2147483647"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"), STRICT_CASES, ids=[m.split(":")[0] for _, m in STRICT_CASES]
+)
+def test_lax_or_non_finite_spec_values_are_refused_by_check(write_spec, overrides, message):
+    spec = write_spec(overrides)
+    result = cli("check", str(spec))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{spec}: {message}" in result.stderr, result.stderr
+
+
+def test_user_attack_names_are_known_by_file_stem_without_running_them(write_spec, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    marker = tmp_path / "executed"
+    (folder / "mine_attack.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    spec = write_spec({"attacks": {"names": ["mine_attack", "loss"], "paths": ["mine"]}})
+    result = cli("check", str(spec))
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+
+
+# ---- item 12: one-line errors instead of tracebacks (the dataset and import cases)
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path):
+    import io
+    import struct
+    import zipfile
+
+    import numpy as np
+
+    fifo = tmp_path / "spec.toml"
+    os.mkfifo(fifo)
+    one_line_error(cli("check", str(fifo), timeout=30), "is not a regular file")
+    one_line_error(cli("check", "/dev/zero", timeout=30), "/dev/zero: is not a regular file")
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    huge = bytes([0, 0, 8, 3]) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1)
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (idx / name).write_bytes(huge + bytes(16))
+    for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        (idx / name).write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 2) + b"\0\1")
+    line = one_line_error(cli("data", "describe", "mnist", "--root", str(idx)), "IDX file truncated")
+    assert str((2**32 - 1) ** 3 + 16) in line  # the header's byte count, not an int64 overflow of it
+
+    np.savez(tmp_path / "strings.npz", x=np.array(["a", "b"]), y=np.array([0, 1]))
+    one_line_error(cli("data", "describe", "npz", "--root", str(tmp_path / "strings.npz")), "has dtype <U1")
+    np.savez(tmp_path / "label.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 10**9, 1]))
+    one_line_error(cli("data", "describe", "npz", "--root", str(tmp_path / "label.npz")), "label 1000000000")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 8, 8)}
+    )
+    labels = io.BytesIO()
+    np.save(labels, np.array([0, 1]))
+    with zipfile.ZipFile(tmp_path / "claims.npz", "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(64))
+        archive.writestr("y.npy", labels.getvalue())
+    one_line_error(
+        cli("data", "describe", "npz", "--root", str(tmp_path / "claims.npz")), "claims more than memory"
+    )
+
+    bad_eps = synthetic_outputs(3, n=40, n_classes=4).arrays()
+    bad_eps["eps__benign"] = np.array("x")
+    np.savez(tmp_path / "eps.npz", **bad_eps)
+    db = tmp_path / "s.duckdb"
+    one_line_error(
+        cli("import", str(tmp_path / "eps.npz"), "--format", "npz", "--db", str(db)), "eps__benign"
+    )
+    assert not db.exists()
+
+
+def test_store_paths_that_cannot_work_are_one_line_errors(tmp_path, write_spec):
+    spec = write_spec({"training": {"defenses": ["natural"], "epochs": 1}})
+    (tmp_path / "s.duckdb.lock").mkdir()
+    one_line_error(cli("run", str(spec), "--db", str(tmp_path / "s.duckdb")), "s.duckdb.lock is not a file")
+    one_line_error(cli("run", str(spec), "--db", "/proc/no/such/s.duckdb"), "cannot lock")
+    one_line_error(cli("sql", "SELECT 1", "--db", str(tmp_path)), "is not a store file (a folder)")
+
+
+def test_a_full_disk_is_a_recorded_failure_not_a_traceback(tmp_path, write_spec):
+    """ENOSPC injected where the finished model is written (a real tmpfs needs root; see the next test)."""
+    db = tmp_path / "s.duckdb"
+    spec = write_spec({"training": {"defenses": ["natural"], "epochs": 1}})
+    result = cli("run", str(spec), "--db", str(db), ROBMIA_TEST_FAIL_AT="model-write")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "No space left on device" in result.stderr
+    ((status, error),) = rows(db, "SELECT status, error FROM v_models")
+    assert status == "failed" and "No space left on device" in error
+    assert cli("run", str(spec), "--db", str(db)).returncode == 0  # nothing lost: the rerun completes it
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_import_into_a_really_full_disk_is_one_line_and_keeps_nothing_half(tmp_path, tiny_disk):
+    big = synthetic_outputs(3, n=20000, n_classes=10).save(tmp_path / "big.npz")
+    db = tiny_disk / "s.duckdb"
+    line = one_line_error(
+        cli("import", str(big), "--format", "npz", "--db", str(db)), "No space left on device"
+    )
+    assert "nothing of this write was kept" in line
+
+
+# ---- item 13: sweep explosions
+
+
+def test_a_large_sweep_shows_its_size_and_needs_yes(write_spec, tmp_path):
+    spec = write_spec({"training": {"defenses": ["natural"], "seeds": list(range(600)), "epochs": 2}})
+    expanded = cli("check", str(spec), "--expand")
+    assert "planned: 600 models, 1,200 training epochs, 1200 perturbations" in expanded.stdout
+    db = tmp_path / "s.duckdb"
+    result = cli("run", str(spec), "--db", str(db))
+    one_line_error(result, "600 models to train (1,200 training epochs), more than 500", "--yes")
+    assert "600 model(s): 600 to train (1,200 training epochs in all)" in result.stderr
+    assert not db.with_name("s.checkpoints").exists() or not any(db.with_name("s.checkpoints").iterdir())
+    huge = write_spec({"training": {"seeds": list(range(30000))}}, name="huge.toml")
+    assert "more than 20,000 per spec" in cli("check", str(huge)).stderr
+
+
+# ---- item 7: imports with an unambiguous example identity; names printed safely
+
+
+def test_import_refuses_arrays_that_claim_a_stored_dataset_but_carry_other_labels(trained_store, tmp_path):
+    db = trained_store.copy_to(tmp_path / "s")
+    stored = dict(rows(db, "SELECT example_id, label FROM examples WHERE dataset = 'digits'"))
+    ids = np.array(sorted(stored)[:200])
+    labels = (np.array([stored[i] for i in ids]) + 1) % 10  # the same ids, other examples
+    outputs = synthetic_outputs(5, n=200, n_classes=10, labels=labels, example_id=ids)
+    path = outputs.save(tmp_path / "other.npz")
+    result = cli("import", str(path), "--format", "npz", "--dataset", "digits", "--db", str(db))
+    one_line_error(result, "200 of 200 examples have other labels", "not the same examples")
+    assert rows(db, "SELECT count(*) FROM models WHERE origin = 'imported'") == [(0,)]
+    same = synthetic_outputs(
+        5, n=200, n_classes=10, labels=labels - labels + np.array([stored[i] for i in ids]), example_id=ids
+    )
+    result = cli(
+        "import",
+        str(same.save(tmp_path / "same.npz")),
+        "--format",
+        "npz",
+        "--dataset",
+        "digits",
+        "--db",
+        str(db),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_names_with_terminal_escapes_are_refused_or_shown_inert(tmp_path, outputs_npz):
+    db = tmp_path / "s.duckdb"
+    evil = "x\x1b]0;owned\x07\x1b[31m"
+    one_line_error(
+        cli("import", str(outputs_npz), "--format", "npz", "--name", evil, "--db", str(db)),
+        "control characters",
+    )
+    result = cli("import", str(outputs_npz), "--format", "npz", "--db", str(db), "--experiment", "e\x1b[2J")
+    assert result.returncode == 0
+    shown = cli("sql", "SELECT experiment FROM v_models", "--db", str(db))
+    assert "\x1b" not in shown.stdout and "e\\x1b[2J" in shown.stdout

@@ -74,8 +74,24 @@ def get_state() -> CliState:
     return state if state is not None else CliState(debug=False, db=None)
 
 
+def safe(text: object) -> str:
+    """Text with terminal control characters (escape sequences) shown as `\\x1b`, never executed."""
+    from robmia_db.errors import safe_text
+
+    return safe_text(text)
+
+
+def _os_error_text(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or type(exc).__name__}{where}"
+
+
 def handle_errors(func):
-    """Turn library errors into one line on stderr and exit 1; `--debug` shows the traceback."""
+    """Turn library errors into one line on stderr and exit 1; `--debug` shows the traceback.
+
+    Operating-system errors (disk full, read-only folder) and DuckDB's own errors become one line too:
+    they are about the user's machine or files, not bugs, and nothing is lost (writes are transactions).
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -83,11 +99,18 @@ def handle_errors(func):
 
         try:
             return func(*args, **kwargs)
-        except RobmiaError as exc:
+        except (RobmiaError, OSError) as exc:
             if get_state().debug:
                 raise
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                click.echo(f"Error: {line}", err=True)
+            text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+            for line in text.splitlines() or [type(exc).__name__]:
+                click.echo(f"Error: {safe(line)}", err=True)
+            sys.exit(1)
+        except Exception as exc:
+            if get_state().debug or "duckdb" not in type(exc).__module__:
+                raise
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            click.echo(f"Error: store: {safe(first)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             if get_state().debug:

@@ -8,6 +8,8 @@ import click
 
 from robmia_db.cli.base import db_option, get_state, handle_errors, main
 
+CONFIRM_ABOVE = 500  # models to train in one run before `run` asks for --yes
+
 
 @main.command("check")
 @click.argument("specs", nargs=-1, type=click.Path())
@@ -33,6 +35,17 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
     for item in loaded:
         click.echo(f"{item.path}: ok ({len(item.jobs)} model{'s' if len(item.jobs) != 1 else ''})")
         if expand:
+            epochs = sum(int(job.identity["training"]["epochs"]) for job in item.jobs)
+            perturbations = sum(len(job.perturbations) for job in item.jobs)
+            click.echo(
+                f"  planned: {len(item.jobs)} models, {epochs:,} training epochs, "
+                f"{perturbations} perturbations to record"
+                + (
+                    f" (run asks for --yes above {CONFIRM_ABOVE} models)"
+                    if len(item.jobs) > CONFIRM_ABOVE
+                    else ""
+                )
+            )
             for job in item.jobs:
                 click.echo(f"  {job.model_key}  {job.model_name}")
                 for p in job.perturbations:
@@ -48,6 +61,7 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the spec's runtime.device."
 )
+@click.option("--yes", is_flag=True, help=f"Train even when more than {CONFIRM_ABOVE} models are planned.")
 @click.option(
     "--retrain",
     multiple=True,
@@ -56,7 +70,12 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
 )
 @handle_errors
 def run_command(
-    specs: tuple[str, ...], dry_run: bool, threads: int | None, device: str | None, retrain: tuple[str, ...]
+    specs: tuple[str, ...],
+    dry_run: bool,
+    threads: int | None,
+    device: str | None,
+    retrain: tuple[str, ...],
+    yes: bool,
 ) -> None:
     """Train what the store lacks and record per-sample signals; skip what exists.
 
@@ -85,6 +104,7 @@ def run_command(
             dry_run=dry_run,
             loaded=loaded,
             retrain=list(retrain),
+            confirm_above=None if yes else CONFIRM_ABOVE,
         )
     print_summary(summary, dry_run=dry_run)
     if summary.failed:

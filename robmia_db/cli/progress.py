@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from robmia_db.errors import safe_text
 
 console = Console(stderr=True)
 out = Console(width=None if Console().is_terminal else 160)
@@ -39,9 +42,12 @@ class RichReporter:
     def plan(self, jobs, actions) -> None:
         todo = sum(1 for a in actions.values() if a != "skip")
         counts = {a: sum(1 for v in actions.values() if v == a) for a in ("train", "signals", "skip")}
+        epochs = sum(
+            int(j.identity["training"]["epochs"]) for j in jobs if actions.get(j.model_key) == "train"
+        )
         console.print(
-            f"{len(jobs)} model(s): {counts['train']} to train, {counts['signals']} to add signals to, "
-            f"{counts['skip']} already stored"
+            f"{len(jobs)} model(s): {counts['train']} to train ({epochs:,} training epochs in all), "
+            f"{counts['signals']} to add signals to, {counts['skip']} already stored"
         )
         self.models_task = self.progress.add_task("models", total=todo or 1, status="")
 
@@ -79,7 +85,7 @@ class RichReporter:
         if self.models_task is not None:
             self.progress.advance(self.models_task)
         if outcome.action == "failed":
-            console.print(f"[red]failed[/red] {outcome.job.model_name}: {outcome.error}")
+            console.print(f"[red]failed[/red] {outcome.job.model_name}: {escape(safe_text(outcome.error))}")
 
 
 def print_summary(summary, dry_run: bool = False) -> None:
@@ -103,5 +109,9 @@ def print_summary(summary, dry_run: bool = False) -> None:
         )  # fmt: skip
     out.print(table)
     if summary.failed:
-        console.print(f"[red]{len(summary.failed)} model(s) failed[/red]; their errors are in v_models.error")
+        console.print(f"[red]{len(summary.failed)} model(s) failed[/red] (full errors: v_models.error):")
+        for outcome in summary.failed:
+            console.print(
+                f"  {outcome.job.model_name}: {safe_text(outcome.error)}", markup=False, highlight=False
+            )
     sys.stdout.flush()

@@ -522,6 +522,22 @@ def store_failure(
     return outcome
 
 
+def training_epochs(jobs: list[ModelJob], actions: dict[str, str]) -> int:
+    """The plan's cost in training epochs (each over its model's members), shown before a run starts."""
+    return sum(
+        int(job.identity["training"]["epochs"]) for job in jobs if actions.get(job.model_key) == "train"
+    )
+
+
+def _confirm_size(jobs: list[ModelJob], actions: dict[str, str], limit: int | None) -> None:
+    to_train = sum(1 for action in actions.values() if action == "train")
+    if limit is not None and to_train > limit:
+        raise RobmiaError(
+            f"{to_train:,} models to train ({training_epochs(jobs, actions):,} training epochs), more than "
+            f"{limit:,}: rerun with --yes to train them all, or narrow the sweep (see `robmia-db check --expand`)"
+        )
+
+
 def _retrain_keys(jobs: list[ModelJob], wanted: list[str]) -> set[str]:
     keys: set[str] = set()
     for name in wanted:
@@ -551,12 +567,14 @@ def run_specs(
     dry_run: bool = False,
     loaded: list[LoadedSpec] | None = None,
     retrain: list[str] | None = None,
+    confirm_above: int | None = None,
 ) -> RunSummary:
     """Run specs into a store: validate all, then train and record what the store lacks.
 
     Raises SpecErrors before any work if any spec is invalid or its data is missing. A model that fails
     is recorded as failed and the run goes on; callers check `summary.failed`. `retrain` names models (key
-    or name) to train again from scratch, replacing their checkpoint, signals and scores.
+    or name) to train again from scratch, replacing their checkpoint, signals and scores. More than
+    `confirm_above` models to train is refused before any work (the CLI's `--yes` lifts it).
     """
     reporter = reporter or SilentReporter()
     db_path = Path(db_path)
@@ -596,6 +614,7 @@ def run_specs(
         actions = plan_actions(jobs, existing)
         actions.update({key: "train" for key in retrain_keys})
         reporter.plan(jobs, actions)
+        _confirm_size(jobs, actions, confirm_above)
         clean_leftovers(checkpoint_dir(db_path))
         with writing(db_path) as con:
             for item in loaded:

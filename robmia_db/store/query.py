@@ -12,7 +12,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from robmia_db.errors import StoreError
+from robmia_db.errors import StoreError, safe_text
 from robmia_db.store.connection import reading
 
 
@@ -41,7 +41,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):
         inner = ", ".join(_cell(v) for v in value[:6])
         return f"[{inner}{', ...' if len(value) > 6 else ''}]"
-    return str(value)
+    return safe_text(value)  # a name with terminal escapes is shown, never executed
 
 
 def format_result(table: pa.Table, fmt: str, max_rows: int = 200) -> str:

@@ -6,6 +6,7 @@ Migrations are plain SQL applied in order, each in its own transaction, recorded
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timezone
 
 import duckdb
@@ -287,7 +288,13 @@ def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None
         for sql in extra_views or []:
             con.execute(sql)
         con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
+    except BaseException as exc:
+        with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended the transaction
+            con.execute("ROLLBACK")
+        if isinstance(exc, duckdb.Error):
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise StoreError(
+                f"could not create or upgrade the store's schema (nothing changed): {first}"
+            ) from exc
         raise
     return start
