@@ -296,7 +296,11 @@ def test_good_file_passes_and_bad_file_beside_it_still_fails(write_spec, tmp_pat
     bad = tmp_path / "bad.toml"
     bad.write_text(HEAD + "[training]\nepochs = 0\n", encoding="utf-8")
     code, stdout, stderr = check(good)
-    assert code == 0 and stdout == f"{good}: ok (2 models)\n" and stderr == ""
+    assert code == 0 and stderr == ""
+    assert (
+        stdout
+        == f"{good}: ok (2 models)\n  data: digits (1,797 train): 200 members / 200 non-members per model\n"
+    )
     code, stdout, stderr = check(good, bad)
     assert code == 1
     assert stderr.splitlines() == [f"Error: {bad}: training.epochs: must be > 0 (got 0)"]
