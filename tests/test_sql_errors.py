@@ -70,6 +70,5 @@ def test_long_line_errors_name_the_line_only(store: Path):
     result = CliRunner().invoke(main, ["sql", sql, "--db", str(store)])
     assert result.exit_code == 1
     assert (
-        result.stderr.strip()
-        == 'Error: query failed: Parser Error: syntax error at or near "FRM" (line 1)'
+        result.stderr.strip() == 'Error: query failed: Parser Error: syntax error at or near "FRM" (line 1)'
     )
