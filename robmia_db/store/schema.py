@@ -151,6 +151,29 @@ MIGRATIONS: list[str] = [
     # 3: no table change; bumping the version makes older stores refresh their views (v_attacks,
     # v_models.package_versions) on the next open
     "SELECT 1;",
+    # 4 (issue 10, statistics): stratified bootstrap intervals beside each metrics row, keyed like it (an
+    # interval of other inputs than the metrics row's is never shown: v_metrics joins on inputs_key too)
+    """
+    CREATE TABLE metric_intervals (
+        attack_key VARCHAR NOT NULL,
+        model_key VARCHAR NOT NULL,
+        perturbation VARCHAR NOT NULL,
+        inputs_key VARCHAR NOT NULL,
+        n_resamples INTEGER NOT NULL,
+        seed BIGINT NOT NULL,
+        confidence DOUBLE NOT NULL,
+        balanced_accuracy_ci_low DOUBLE,
+        balanced_accuracy_ci_high DOUBLE,
+        auc_ci_low DOUBLE,
+        auc_ci_high DOUBLE,
+        tpr_at_fpr_0_ci_low DOUBLE,
+        tpr_at_fpr_0_ci_high DOUBLE,
+        tpr_at_fpr_1e3_ci_low DOUBLE,
+        tpr_at_fpr_1e3_ci_high DOUBLE,
+        tpr_at_fpr_1e2_ci_low DOUBLE,
+        tpr_at_fpr_1e2_ci_high DOUBLE
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -211,11 +234,17 @@ SELECT x.model_key, m.model_name, m.experiment, m.dataset, m.defense, m.eps, m.s
        x.balanced_accuracy, x.auc, x.tpr_at_fpr_0, x.tpr_at_fpr_1e3, x.tpr_at_fpr_1e2, x.advantage,
        x.threshold, x.n_members, x.n_nonmembers, x.calibrated_accuracy, x.calibrated_threshold,
        x.n_reference_models, x.tp_at_best, x.fp_at_best, x.auc_numerator2, x.attack_key, x.inputs_key,
-       x.seconds, x.created_at
+       x.seconds, x.created_at,
+       -- issue 10: bootstrap intervals (robmia_db/attacks/intervals.py)
+       ci.balanced_accuracy_ci_low, ci.balanced_accuracy_ci_high, ci.auc_ci_low, ci.auc_ci_high,
+       ci.tpr_at_fpr_0_ci_low, ci.tpr_at_fpr_0_ci_high, ci.tpr_at_fpr_1e3_ci_low, ci.tpr_at_fpr_1e3_ci_high,
+       ci.tpr_at_fpr_1e2_ci_low, ci.tpr_at_fpr_1e2_ci_high, ci.n_resamples AS ci_resamples
 FROM metrics x
 JOIN attacks a USING (attack_key)
 JOIN models m ON m.model_key = x.model_key
-LEFT JOIN perturbations p ON p.model_key = x.model_key AND p.name = x.perturbation;
+LEFT JOIN perturbations p ON p.model_key = x.model_key AND p.name = x.perturbation
+LEFT JOIN metric_intervals ci ON ci.attack_key = x.attack_key AND ci.model_key = x.model_key
+    AND ci.perturbation = x.perturbation AND ci.inputs_key = x.inputs_key;
 
 CREATE OR REPLACE VIEW v_attacks AS
 SELECT attack_key, name AS attack, title, paper, description, language, source_path, params, needs, created_at
