@@ -87,7 +87,7 @@ def test_auc_interval_covers_a_known_auc_about_95_percent_of_the_time():
     covered = 0
     for store in range(200):
         rng = np.random.default_rng(1000 + store)
-        members = np.arange(300) < 150
+        members = np.arange(200) < 100
         scores = rng.normal(d * members, 1.0)
         low, high = percentile_interval(bootstrap_replicates(scores, members, 1000, seed=store)["auc"])
         covered += low <= true_auc <= high

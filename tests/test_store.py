@@ -87,6 +87,16 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("description", "VARCHAR"), ("language", "VARCHAR"), ("source_path", "VARCHAR"), ("params", "JSON"),
         ("needs", "JSON"), ("created_at", TS),
     ],
+    "v_configurations": [
+        ("experiment", "VARCHAR"), ("dataset", "VARCHAR"), ("arch", "VARCHAR"), ("width", "DOUBLE"),
+        ("defense", "VARCHAR"), ("eps", "DOUBLE"), ("attack", "VARCHAR"), ("perturbation", "VARCHAR"),
+        ("kind", "VARCHAR"), ("perturbation_eps", "DOUBLE"), ("n_seeds", "BIGINT"), ("seeds", "INTEGER[]"),
+        ("balanced_accuracy_mean", "DOUBLE"), ("balanced_accuracy_sd", "DOUBLE"),
+        ("balanced_accuracy_ci_low", "DOUBLE"), ("balanced_accuracy_ci_high", "DOUBLE"),
+        ("auc_mean", "DOUBLE"), ("auc_sd", "DOUBLE"), ("auc_ci_low", "DOUBLE"), ("auc_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_1e2_mean", "DOUBLE"), ("tpr_at_fpr_1e2_sd", "DOUBLE"),
+        ("tpr_at_fpr_1e2_ci_low", "DOUBLE"), ("tpr_at_fpr_1e2_ci_high", "DOUBLE"),
+    ],
     "signals": [
         ("signal_key", "VARCHAR"), ("model_key", "VARCHAR"), ("example_id", "INTEGER"), ("label", "INTEGER"),
         ("is_member", "BOOLEAN"), ("loss", "DOUBLE"), ("confidence", "FLOAT"), ("margin", "DOUBLE"),

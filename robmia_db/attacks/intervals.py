@@ -79,35 +79,47 @@ class RankedScores:
 
     def metrics(self, member_positions: np.ndarray, nonmember_positions: np.ndarray) -> dict[str, np.ndarray]:
         """Every interval metric for each row of the position matrices (rows = replicates)."""
-        rows = member_positions.shape[0]
-        K = self.n_distinct
-        P, N = self.n_members, self.n_nonmembers
-        # int32 halves the memory traffic of the O(B x K) passes; products need P * N to fit in it
-        small = P * N < 2**31 - 1
-        dtype = np.int32 if small else np.int64
-        offsets = (np.arange(rows, dtype=np.int64) * K)[:, None]
-        pos = np.bincount((self.member_rank[member_positions] + offsets).ravel(), minlength=rows * K)
-        neg = np.bincount((self.nonmember_rank[nonmember_positions] + offsets).ravel(), minlength=rows * K)
-        pos = pos.reshape(rows, K).astype(dtype, copy=False)
-        neg = neg.reshape(rows, K).astype(dtype, copy=False)
-        tp = np.cumsum(pos, axis=1, dtype=dtype)
-        fp = np.cumsum(neg, axis=1, dtype=dtype)
-        gain = tp * dtype(N) - fp * dtype(P)
-        best = np.argmax(gain, axis=1)[:, None]  # first = highest threshold, as reference_metrics
-        best_gain = np.take_along_axis(gain, best, axis=1)[:, 0]
-        best_tp = np.take_along_axis(tp, best, axis=1)[:, 0].astype(np.int64)
-        best_fp = np.take_along_axis(fp, best, axis=1)[:, 0].astype(np.int64)
-        beats = best_gain > 0
-        # the same float operations as reference_metrics, so replicates match it bit for bit
-        balanced = np.where(beats, 0.5 * (best_tp / P + 1.0 - best_fp / N), 0.5)
-        # both sums are at most P * N, so they fit in dtype as the products do
-        auc2 = 2 * np.einsum("ij,ij->i", pos, dtype(N) - fp).astype(np.int64) + np.einsum(
-            "ij,ij->i", pos, neg
-        ).astype(np.int64)
-        out = {"balanced_accuracy": balanced, "auc": auc2 / (2.0 * P * N)}
-        for name, num, den in _TPR_LEVELS:
-            out[name] = _tpr_at_fpr(tp, fp, num * N // den) / P
-        return out
+        return metrics_from_ranks(
+            self.member_rank[member_positions], self.nonmember_rank[nonmember_positions], self.n_distinct
+        )
+
+
+def metrics_from_ranks(
+    member_ranks: np.ndarray, nonmember_ranks: np.ndarray, K: int
+) -> dict[str, np.ndarray]:
+    """Every interval metric per row of (rows, P) member and (rows, N) non-member score ranks.
+
+    Ranks number the distinct scores from the highest (0) to the lowest (K - 1); only their order matters,
+    so ranks over any superset of the scores (e.g. two models' scores together) give the same metrics.
+    """
+    rows, P = member_ranks.shape
+    N = nonmember_ranks.shape[1]
+    # int32 halves the memory traffic of the O(B x K) passes; products need P * N to fit in it
+    small = P * N < 2**31 - 1
+    dtype = np.int32 if small else np.int64
+    offsets = (np.arange(rows, dtype=np.int64) * K)[:, None]
+    pos = np.bincount((member_ranks + offsets).ravel(), minlength=rows * K)
+    neg = np.bincount((nonmember_ranks + offsets).ravel(), minlength=rows * K)
+    pos = pos.reshape(rows, K).astype(dtype, copy=False)
+    neg = neg.reshape(rows, K).astype(dtype, copy=False)
+    tp = np.cumsum(pos, axis=1, dtype=dtype)
+    fp = np.cumsum(neg, axis=1, dtype=dtype)
+    gain = tp * dtype(N) - fp * dtype(P)
+    best = np.argmax(gain, axis=1)[:, None]  # first = highest threshold, as reference_metrics
+    best_gain = np.take_along_axis(gain, best, axis=1)[:, 0]
+    best_tp = np.take_along_axis(tp, best, axis=1)[:, 0].astype(np.int64)
+    best_fp = np.take_along_axis(fp, best, axis=1)[:, 0].astype(np.int64)
+    beats = best_gain > 0
+    # the same float operations as reference_metrics, so replicates match it bit for bit
+    balanced = np.where(beats, 0.5 * (best_tp / P + 1.0 - best_fp / N), 0.5)
+    # both sums are at most P * N, so they fit in dtype as the products do
+    auc2 = 2 * np.einsum("ij,ij->i", pos, dtype(N) - fp).astype(np.int64) + np.einsum(
+        "ij,ij->i", pos, neg
+    ).astype(np.int64)
+    out = {"balanced_accuracy": balanced, "auc": auc2 / (2.0 * P * N)}
+    for name, num, den in _TPR_LEVELS:
+        out[name] = _tpr_at_fpr(tp, fp, num * N // den) / P
+    return out
 
 
 def _tpr_at_fpr(tp: np.ndarray, fp: np.ndarray, fp_limit: int) -> np.ndarray:
