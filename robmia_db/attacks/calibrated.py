@@ -269,12 +269,14 @@ def read_target(ctx, key: str, value_sql: str, relation: str = "target") -> dict
 
 def read_references(ctx, key: str, value_sql: str, kind: str | None = None) -> dict[str, np.ndarray]:
     """The reference rows scored for target `key` only (`target_model_key = key`): the fleet minus the
-    target. Rows of other targets' reference sets are never read, so no target sees its own labels."""
+    target. Rows of other targets' reference sets are never read, so no target sees its own labels.
+    Ordered by (model key, example id): Song & Mittal's threshold rule keeps the first of tied candidates."""
     kind_filter = "AND kind = $kind" if kind else ""
     table = ctx.sql(
         f"""SELECT dense_rank() OVER (ORDER BY model_key) - 1 AS ref_index, example_id, label, is_member,
                    {value_sql}
-            FROM reference WHERE target_model_key = $key {kind_filter}""",
+            FROM reference WHERE target_model_key = $key {kind_filter}
+            ORDER BY model_key, example_id""",
         {"key": key, **({"kind": kind} if kind else {})},
     )
     return _with_phi(_numpy(table))
