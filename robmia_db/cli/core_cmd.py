@@ -13,9 +13,17 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
 @click.argument("specs", nargs=-1, type=click.Path())
 @click.option("--expand", is_flag=True, help="List the models and perturbations each spec expands into.")
 @click.option("--explain", is_flag=True, help="Print every spec key with its default and meaning.")
+@click.option(
+    "--no-data",
+    is_flag=True,
+    help="Skip counting each dataset's examples (then member counts are not checked against the data).",
+)
 @handle_errors
-def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
+def check_command(specs: tuple[str, ...], expand: bool, explain: bool, no_data: bool) -> None:
     """Validate spec files; print every error of every file as `file: key: message`.
+
+    Also counts each dataset's examples (from file headers and names; no image is decoded) and applies
+    every model's membership rule to them, so `n_members` larger than the data fails here, not in `run`.
 
     Example: robmia-db check specs/quickstart.toml --expand
     """
@@ -30,8 +38,20 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
     from robmia_db.spec import load_specs
 
     loaded = load_specs(list(specs))
+    lines: dict[str, list[str]] = {}
+    if not no_data:
+        from robmia_db.errors import SpecErrors
+        from robmia_db.runner.data import check_data
+
+        checks = check_data(loaded)
+        errors = [error for check in checks for error in check.errors]
+        if errors:
+            raise SpecErrors(errors)
+        lines = {str(check.path): check.lines for check in checks}
     for item in loaded:
         click.echo(f"{item.path}: ok ({len(item.jobs)} model{'s' if len(item.jobs) != 1 else ''})")
+        for line in lines.get(str(item.path), ["data: not checked (--no-data)"]):
+            click.echo(f"  {line}")
         if expand:
             for job in item.jobs:
                 click.echo(f"  {job.model_key}  {job.model_name}")
