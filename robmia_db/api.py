@@ -5,6 +5,7 @@ Imports the runner (and so torch) only inside `Store.run`. Results have short `r
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -21,81 +22,41 @@ DEFAULT_DB = "robmia.duckdb"
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One step of `Store.run`, as given to a `progress=` callback.
+    """One step of `Store.run`, as given to a `progress=` callback (the runner's progress snapshot).
 
     Attributes:
-        event: "plan", "model_started", "epoch", "perturbation" or "model_finished".
+        event: "plan", "started", "resumed" (from a partial checkpoint), "epoch", "signals" or "finished".
         model_name: the model concerned (None for "plan").
-        model_key: its key (None for "plan").
-        index: 0-based position of the model in the run (for "plan": None).
-        total: number of models in the run.
-        action: "train", "signals", "skip" or "failed" (what happens / happened to the model).
-        epoch: for "epoch", the epoch just finished (1-based), with `epochs` the total.
-        perturbation: for "perturbation", the name of the perturbation whose signals are being recorded.
-        stats: for "epoch", the training statistics (loss, and eps for ramped defenses).
-        seconds: for "model_finished", the model's wall time.
+        action: for "started" / "finished": "train", "signals" (perturbations added) or "failed".
+        epoch: for "epoch" / "resumed", the epoch reached.
+        perturbation: for "signals", the perturbation whose signals are being recorded.
         error: for a failed model, its error.
-        counts: for "plan", how many models get each action.
+        total, done, running, queued, failed: models of the run with work to do, by state.
+        elapsed_s: seconds since the run started; eta_s: estimated seconds left (None while unknown),
+            from measured epoch rates or stored timings of similar models.
+        models: per model: model_name, model_key, phase, epoch, epochs, resumed_from_epoch, signals_done,
+            signals_total, loss.
     """
 
     event: str
     model_name: str | None = None
-    model_key: str | None = None
-    index: int | None = None
-    total: int | None = None
     action: str | None = None
     epoch: int | None = None
-    epochs: int | None = None
     perturbation: str | None = None
-    stats: dict[str, float] = field(default_factory=dict)
-    seconds: float | None = None
     error: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    done: int = 0
+    running: int = 0
+    queued: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    models: list[dict[str, Any]] = field(default_factory=list)
 
-
-def _callback_reporter(callback: Callable[[ProgressEvent], Any]):
-    """The runner's reporter hooks turned into `ProgressEvent`s (hooks the runner adds later stay silent)."""
-    from robmia_db.runner.executor import SilentReporter
-
-    class CallbackReporter(SilentReporter):
-        def __init__(self) -> None:
-            self.total = 0
-            self.index: dict[str, int] = {}
-
-        def plan(self, jobs, actions):
-            self.total = len(jobs)
-            callback(ProgressEvent("plan", total=len(jobs), counts=dict(Counter(actions.values()))))
-
-        def model_started(self, job, index, total, action):
-            self.index[job.model_key] = index
-            callback(ProgressEvent("model_started", job.model_name, job.model_key, index, total, action))
-
-        def epoch_done(self, job, epoch, epochs, stats):
-            callback(
-                ProgressEvent(
-                    "epoch", job.model_name, job.model_key, self.index.get(job.model_key), self.total,
-                    "train", epoch=epoch, epochs=epochs, stats=dict(stats),
-                )
-            )  # fmt: skip
-
-        def perturbation_started(self, job, perturbation, index, total):
-            callback(
-                ProgressEvent(
-                    "perturbation", job.model_name, job.model_key, self.index.get(job.model_key), self.total,
-                    perturbation=perturbation.name,
-                )
-            )  # fmt: skip
-
-        def model_finished(self, outcome):
-            job = outcome.job
-            callback(
-                ProgressEvent(
-                    "model_finished", job.model_name, job.model_key, self.index.get(job.model_key), self.total,
-                    outcome.action, seconds=outcome.seconds, error=outcome.error,
-                )
-            )  # fmt: skip
-
-    return CallbackReporter()
+    @classmethod
+    def from_snapshot(cls, event: str, snapshot: dict[str, Any]) -> ProgressEvent:
+        known = {f for f in cls.__dataclass_fields__ if f != "event"}
+        return cls(event, **{k: v for k, v in snapshot.items() if k in known})
 
 
 class RunResult:
@@ -233,8 +194,9 @@ class Store:
 
         Args:
             *specs: spec files.
-            progress: True shows the CLI's progress (per model, epoch and perturbation; rich renders it in
-                Jupyter too); False is silent; a callable receives a `ProgressEvent` at every step.
+            progress: True shows the CLI's progress (per model, epoch and perturbation, with an ETA; rich
+                renders it in Jupyter too); False is silent; a callable receives a `ProgressEvent` at every
+                step.
             threads: torch threads (default: the spec's, else 1).
             device: "auto", "cpu" or "cuda" (default: the spec's runtime.device).
             dry_run: only plan: report what would be trained, train nothing.
@@ -247,16 +209,19 @@ class Store:
         """
         from robmia_db.runner.executor import run_specs
 
+        run = functools.partial(
+            run_specs, list(specs), self.path, threads=threads, device=device, dry_run=dry_run
+        )
         if callable(progress):
             return RunResult(
-                run_specs(list(specs), self.path, _callback_reporter(progress), threads, device, dry_run)
+                run(progress=lambda event, snapshot: progress(ProgressEvent.from_snapshot(event, snapshot)))
             )
         if not progress:
-            return RunResult(run_specs(list(specs), self.path, None, threads, device, dry_run))
+            return RunResult(run())
         from robmia_db.cli.progress import RichReporter
 
         with RichReporter() as reporter:
-            return RunResult(run_specs(list(specs), self.path, reporter, threads, device, dry_run))
+            return RunResult(run(reporter=reporter))
 
     def score(
         self,

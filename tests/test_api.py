@@ -83,8 +83,8 @@ def test_readme_block_runs_and_its_results_match_the_store(readme_run):
     assert repr(ns["again"]) == "RunResult(2 models: 2 already stored; store notebook.duckdb)"
     events = ns["events"]
     assert all(isinstance(e, ProgressEvent) for e in events)
-    assert [e.event for e in events] == ["plan"] + ["model_started", "model_finished"] * 2
-    assert events[0].counts == {"skip": 2} and events[0].total == 2
+    # nothing to do: the plan alone, with no model left to run
+    assert [(e.event, e.total, e.done) for e in events] == [("plan", 0, 0)]
 
     scores = ns["scores"]
     assert isinstance(scores, ScoreResult)
@@ -124,19 +124,23 @@ def test_progress_callback_sees_every_epoch_and_perturbation(tmp_path: Path):
     events: list[ProgressEvent] = []
     result = Store(tmp_path / "s.duckdb").run(spec, progress=events.append)
     assert [e.event for e in events] == [
-        "plan", "model_started", "epoch", "epoch", "epoch", "perturbation", "perturbation", "model_finished",
+        "plan", "started", "epoch", "epoch", "epoch", "signals", "signals", "finished",
     ]  # fmt: skip
     assert [e.epoch for e in events if e.event == "epoch"] == [1, 2, 3]
-    assert {e.epochs for e in events if e.event == "epoch"} == {3}
-    assert all(np.isfinite(e.stats["loss"]) for e in events if e.event == "epoch")
-    assert [e.perturbation for e in events if e.event == "perturbation"] == ["benign", "pgd"]
+    assert [e.models[0]["epoch"] for e in events if e.event == "epoch"] == [1, 2, 3]
+    assert all(
+        e.models[0]["epochs"] == 3 and np.isfinite(e.models[0]["loss"]) for e in events if e.event == "epoch"
+    )
+    assert [e.perturbation for e in events if e.event == "signals"] == ["benign", "pgd"]
+    assert [(e.total, e.queued, e.running, e.done) for e in (events[0], events[1], events[-1])] == [
+        (1, 1, 0, 0), (1, 0, 1, 0), (1, 0, 0, 1),
+    ]  # fmt: skip
+    # after the first epoch the ETA is measured, and it never grows past what the first epoch implied
+    etas = [e.eta_s for e in events if e.event == "epoch"]
+    assert all(eta is not None and eta >= 0 for eta in etas)
     (outcome,) = result.outcomes
     finished = events[-1]
-    assert (finished.action, finished.seconds, finished.model_key) == (
-        "train",
-        outcome.seconds,
-        outcome.job.model_key,
-    )
+    assert (finished.action, finished.model_name, finished.error) == ("train", outcome.job.model_name, None)
     quiet = Store(tmp_path / "s.duckdb").run(spec, progress=False, dry_run=True)
     assert repr(quiet) == f"RunResult(1 model: 1 already stored; store {tmp_path / 's.duckdb'})"
 
