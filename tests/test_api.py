@@ -135,7 +135,7 @@ def test_progress_callback_sees_every_epoch_and_perturbation(tmp_path: Path):
     assert [(e.total, e.queued, e.running, e.done) for e in (events[0], events[1], events[-1])] == [
         (1, 1, 0, 0), (1, 0, 1, 0), (1, 0, 0, 1),
     ]  # fmt: skip
-    # after the first epoch the ETA is measured, and it never grows past what the first epoch implied
+    # from the first epoch on, the ETA is measured
     etas = [e.eta_s for e in events if e.event == "epoch"]
     assert all(eta is not None and eta >= 0 for eta in etas)
     (outcome,) = result.outcomes
