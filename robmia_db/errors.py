@@ -66,6 +66,10 @@ class StoreError(RobmiaError):
     """The store is unusable: wrong schema version, not a robmia-db file, bad query."""
 
 
+class UnfinishedStoreError(StoreError):
+    """The store file exists but its creation was interrupted; a write command finishes it."""
+
+
 class StoreLockedError(StoreError):
     """Another process holds the store (or its run lock); the message names the holder."""
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import duckdb
 
-from robmia_db.errors import StoreError, StoreLockedError
+from robmia_db.errors import StoreError, StoreLockedError, UnfinishedStoreError
 from robmia_db.store import schema
 
 DEFAULT_TIMEOUT_S = 15.0
@@ -128,7 +128,7 @@ def _check_kind(con: duckdb.DuckDBPyConnection, path: Path, version: int, read_o
                 "refusing to touch it: choose another --db"
             )
         if read_only:
-            raise StoreError(
+            raise UnfinishedStoreError(
                 f"{path} is not a robmia-db store yet (an empty DuckDB file, as an interrupted store creation "
                 "leaves); any write command finishes it (`robmia-db run SPEC` or `robmia-db import FILE`)"
             )
