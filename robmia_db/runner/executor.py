@@ -804,6 +804,7 @@ def run_specs(
         # nothing to train: no run lock, so this never meets (or waits on) another run that holds it
         _announce(reporter, db_path, jobs, actions, parallel)
         _record_metadata(db_path, loaded, jobs, existing)
+        clean_leftovers(checkpoint_dir(db_path))  # safe without the lock: a live writer's files are kept
         for index, job in enumerate(jobs):
             reporter.model_started(job, index, len(jobs), "skip")
             outcomes.append(ModelOutcome(job, "skip"))
