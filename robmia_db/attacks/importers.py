@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from robmia_db.datasets import dataset_names
 from robmia_db.errors import ImportDataError
 from robmia_db.spec.identity import content_key
 from robmia_db.store import ingest
@@ -34,22 +35,93 @@ CCS2019_KEYS = (
 )  # fmt: skip
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        raise ImportDataError(f"{path}: file not found")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ImportDataError(f"{path}: not a readable npz file ({exc})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ImportDataError(f"{path}: is a single .npy array, not an npz archive of named arrays")
-    try:
-        with loaded as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ImportDataError(f"{path}: not a readable npz file ({exc})") from None
-    except MemoryError:  # a header may claim any shape (1e12 rows): refuse, do not crash
-        raise ImportDataError(f"{path}: an array's header claims more than memory holds") from None
+CHUNK_ROWS = 262_144  # rows per streamed chunk: ~10 MB of float32 probabilities at 10 classes
+
+
+class _Archive:
+    """An npz read lazily: small arrays (labels, ids) whole, (N, C) matrices streamed in row chunks.
+
+    Memory then holds one chunk of each matrix, not the file: importing 1e7 rows took 6.1 GB read whole.
+    """
+
+    def __init__(self, path: Path):
+        if not path.exists():
+            raise ImportDataError(f"{path}: file not found")
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            if path.read_bytes()[:6] == b"\x93NUMPY":
+                raise ImportDataError(
+                    f"{path}: is a single .npy array, not an npz archive of named arrays"
+                ) from None
+            raise ImportDataError(f"{path}: not a readable npz file ({exc})") from None
+        self.members = {n[:-4]: n for n in self.zip.namelist() if n.endswith(".npy")}
+        self.files = list(self.members)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.members
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def _open(self, key: str):
+        handle = self.zip.open(self.members[key])
+        try:
+            version = np.lib.format.read_magic(handle)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = reader(handle)
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            handle.close()
+            raise ImportDataError(f"{self.path}: {key}: not a readable array ({exc})") from None
+        if dtype.hasobject:
+            handle.close()
+            raise ImportDataError(f"{self.path}: {key}: object arrays are not read (allow_pickle is off)")
+        return handle, shape, fortran, dtype
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle, shape, _, _ = self._open(key)
+        handle.close()
+        return shape
+
+    def dtype(self, key: str) -> np.dtype:
+        handle, _, _, dtype = self._open(key)
+        handle.close()
+        return dtype
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        handle, shape, fortran, dtype = self._open(key)
+        with handle:
+            count = int(np.prod(shape, dtype=object))
+            data = handle.read(count * dtype.itemsize)
+        if len(data) != count * dtype.itemsize:
+            raise ImportDataError(f"{self.path}: {key}: truncated (header says shape {shape})")
+        return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+    def chunks(self, key: str, rows: int = CHUNK_ROWS):
+        """(first row, rows x C array) pieces of a 2-D array, in order."""
+        handle, shape, fortran, dtype = self._open(key)
+        with handle:
+            if fortran:  # column-major cannot be read by rows: the rare case is read whole
+                whole = np.frombuffer(handle.read(), dtype=dtype).reshape(shape, order="F")
+                for start in range(0, shape[0], rows):
+                    yield start, np.ascontiguousarray(whole[start : start + rows])
+                return
+            width = int(np.prod(shape[1:], dtype=object)) * dtype.itemsize
+            for start in range(0, shape[0], rows):
+                n = min(rows, shape[0] - start)
+                data = handle.read(n * width)
+                if len(data) != n * width:
+                    raise ImportDataError(f"{self.path}: {key}: truncated (header says shape {shape})")
+                yield start, np.frombuffer(data, dtype=dtype).reshape((n, *shape[1:]))
+
+
+def _load_npz(path: Path) -> _Archive:
+    return _Archive(path)
 
 
 def _check_labels(path: Path, key: str, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -71,13 +143,19 @@ def _check_labels(path: Path, key: str, labels: np.ndarray, n_classes: int) -> n
     return labels.astype(np.int64)
 
 
-def _check_matrix(path: Path, key: str, values: np.ndarray, n_rows: int, probabilities: bool) -> np.ndarray:
-    if values.ndim != 2 or values.shape[0] != n_rows:
-        raise ImportDataError(f"{path}: {key}: expected shape ({n_rows}, C), got {values.shape}")
-    if not np.issubdtype(values.dtype, np.floating):
-        raise ImportDataError(f"{path}: {key}: must be a float array (got {values.dtype})")
+def _check_matrix_header(path: Path, data: _Archive, key: str, n_rows: int) -> int:
+    """Shape and dtype from the header alone; returns the number of classes."""
+    shape, dtype = data.shape(key), data.dtype(key)
+    if len(shape) != 2 or shape[0] != n_rows:
+        raise ImportDataError(f"{path}: {key}: expected shape ({n_rows}, C), got {shape}")
+    if not np.issubdtype(dtype, np.floating):
+        raise ImportDataError(f"{path}: {key}: must be a float array (got {dtype})")
+    return int(shape[1])
+
+
+def _check_chunk(path: Path, key: str, values: np.ndarray, offset: int, probabilities: bool) -> np.ndarray:
     if not np.all(np.isfinite(values)):
-        bad = int(np.argwhere(~np.isfinite(values))[0][0])
+        bad = offset + int(np.argwhere(~np.isfinite(values))[0][0])
         raise ImportDataError(f"{path}: {key}: contains NaN or infinite values (first at row {bad})")
     if probabilities:
         if values.min() < 0:
@@ -86,9 +164,18 @@ def _check_matrix(path: Path, key: str, values: np.ndarray, n_rows: int, probabi
         worst = int(np.argmax(np.abs(sums - 1)))
         if abs(sums[worst] - 1) > 1e-3:
             raise ImportDataError(
-                f"{path}: {key}: rows must sum to 1 (row {worst} sums to {sums[worst]:.6g}); pass logits as logits__NAME"
+                f"{path}: {key}: rows must sum to 1 (row {offset + worst} sums to {sums[worst]:.6g}); pass logits as logits__NAME"
             )
     return values.astype(np.float32) if probabilities else values
+
+
+def _matrix_chunks(path: Path, data: _Archive, keys: list[str], probabilities: bool):
+    """Validated chunks of one perturbation's matrix (several keys are stacked, as ccs2019's train + test)."""
+    offset = 0
+    for key in keys:
+        for start, values in data.chunks(key):
+            yield offset + start, _check_chunk(path, key, values, offset + start, probabilities)
+        offset += data.shape(key)[0]
 
 
 def _scalar_number(path: Path, key: str, value: np.ndarray) -> float:
@@ -124,21 +211,28 @@ def read_ccs2019(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any
             f"{path}: needs both members and non-members (train rows are members, test rows non-members); got {n_train} and {n_test}"
         )
     for key in CCS2019_KEYS[:4]:
-        if data[key].ndim != 2:
+        if len(data.shape(key)) != 2:
             raise ImportDataError(
-                f"{path}: {key}: expected shape (N, C) of probabilities, got {data[key].shape}"
+                f"{path}: {key}: expected shape (N, C) of probabilities, got {data.shape(key)}"
             )
-    n_classes = data["output_train_benign"].shape[1]
+    n_classes = data.shape("output_train_benign")[1]
     train_labels = _check_labels(path, "train_label", data["train_label"], n_classes)
     test_labels = _check_labels(path, "test_label", data["test_label"], n_classes)
     perturbations = []
     for name, kind in (("benign", "benign"), ("adversarial", "adversarial")):
-        train = _check_matrix(path, f"output_train_{name}", data[f"output_train_{name}"], n_train, True)
-        test = _check_matrix(path, f"output_test_{name}", data[f"output_test_{name}"], n_test, True)
-        if train.shape[1] != n_classes or test.shape[1] != n_classes:
+        keys = [f"output_train_{name}", f"output_test_{name}"]
+        classes = {_check_matrix_header(path, data, k, n) for k, n in zip(keys, (n_train, n_test))}
+        if classes != {n_classes}:
             raise ImportDataError(f"{path}: output_*_{name}: class counts differ between arrays")
         perturbations.append(
-            {"name": name, "kind": kind, "probs": np.concatenate([train, test]), "eps": None}
+            {
+                "name": name,
+                "kind": kind,
+                "probs": True,
+                "chunks": (data, keys),
+                "eps": None,
+                "n_classes": n_classes,
+            }
         )
     labels = np.concatenate([train_labels, test_labels])
     is_member = np.concatenate([np.ones(n_train, bool), np.zeros(n_test, bool)])
@@ -171,11 +265,11 @@ def read_generic_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str,
             raise ImportDataError(f"{path}: perturbation {name!r} has both probs__ and logits__ arrays")
         is_probs = f"probs__{name}" in data
         key = f"probs__{name}" if is_probs else f"logits__{name}"
-        values = _check_matrix(path, key, data[key], n, is_probs)
+        classes = _check_matrix_header(path, data, key, n)
         if n_classes is None:
-            n_classes = values.shape[1]
-        elif values.shape[1] != n_classes:
-            raise ImportDataError(f"{path}: {key}: has {values.shape[1]} classes, others have {n_classes}")
+            n_classes = classes
+        elif classes != n_classes:
+            raise ImportDataError(f"{path}: {key}: has {classes} classes, others have {n_classes}")
         kind = str(data[f"kind__{name}"]) if f"kind__{name}" in data else _kind_from_name(name)
         if kind not in ("benign", "adversarial", "verified"):
             raise ImportDataError(
@@ -183,7 +277,14 @@ def read_generic_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str,
             )
         eps = _scalar_number(path, f"eps__{name}", data[f"eps__{name}"]) if f"eps__{name}" in data else None
         perturbations.append(
-            {"name": name, "kind": kind, ("probs" if is_probs else "logits"): values, "eps": eps}
+            {
+                "name": name,
+                "kind": kind,
+                "probs": is_probs,
+                "chunks": (data, [key]),
+                "eps": eps,
+                "n_classes": classes,
+            }
         )
     labels = _check_labels(path, "labels", data["labels"], int(n_classes))
     if len(labels) != n:
@@ -218,7 +319,10 @@ def import_outputs(
         example_ids = np.arange(len(labels), dtype=np.int64)
     if is_member.all() or not is_member.any():
         raise ImportDataError(f"{path}: needs both members and non-members")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    for item in perturbations:  # every value checked before the store is touched: a bad file imports nothing
+        for _ in _matrix_chunks(path, *item["chunks"], item["probs"]):
+            pass
+    digest = _file_sha256(path)
     order = np.argsort(example_ids, kind="stable")
     examples_digest = hashlib.sha256(
         np.ascontiguousarray(example_ids[order]).tobytes() + np.ascontiguousarray(labels[order]).tobytes()
@@ -232,24 +336,16 @@ def import_outputs(
             f"{path}: model name {model_name!r} is empty or contains control characters; give --name"
         )
     model_key = content_key({"imported": digest, "format": fmt})
-    n_classes = int(
-        (perturbations[0].get("probs") if "probs" in perturbations[0] else perturbations[0]["logits"]).shape[
-            1
-        ]
-    )
+    n_classes = int(perturbations[0]["n_classes"])
     dataset_name = dataset or f"imported:{model_name}"
     records = []
     for item in perturbations:
         settings = {"kind": item["kind"], "imported_from": path.name, "format": fmt, "array": item["name"]}
         signal_key = content_key({"model_key": model_key, "perturbation": settings})
-        if "probs" in item:
-            columns = signals_from_probs(item["probs"], labels)
-        else:
-            columns = signals_from_logits(item["logits"], labels)
-        table = signal_table(signal_key, model_key, example_ids, labels, is_member, columns)
+        chunks = _signal_chunks(path, item, signal_key, model_key, example_ids, labels, is_member)
         records.append(
             ingest.PerturbationRecord(
-                signal_key, model_key, item["name"], item["kind"], item["eps"], settings, table
+                signal_key, model_key, item["name"], item["kind"], item["eps"], settings, chunks
             )
         )
     record = ingest.ModelRecord(
@@ -275,20 +371,40 @@ def import_outputs(
         {
             "example_id": pa.array(example_ids.astype(np.int32)),
             "label": pa.array(labels.astype(np.int32)),
-            "origin_split": pa.array(np.where(is_member, "train", "test")),
+            # dictionary-encoded: a string per row would cost ~9 bytes a row at 1e8 rows
+            "origin_split": pa.DictionaryArray.from_arrays(
+                pa.array((~is_member).astype(np.int8)), pa.array(["train", "test"])
+            ),
         }
     )
     with writing(db_path) as con:
-        if dataset:
+        if dataset and dataset in dataset_names():
             _check_same_examples(con, path, dataset, examples)
         ingest.write_model(con, record, membership, examples, records)
     return record
 
 
-def _check_same_examples(con, path: Path, dataset: str, examples: pa.Table) -> None:
-    """`--dataset NAME` claims these rows are NAME's examples: ids already stored must carry the same labels.
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    Otherwise `v_membership.label` (read from the stored examples) would be another array's labels.
+
+def _signal_chunks(path, item, signal_key, model_key, example_ids, labels, is_member):
+    """One perturbation's signal rows, one chunk of the file at a time (the write transaction pulls them)."""
+    for start, values in _matrix_chunks(path, *item["chunks"], item["probs"]):
+        rows = slice(start, start + len(values))
+        compute = signals_from_probs if item["probs"] else signals_from_logits
+        columns = compute(values, labels[rows])
+        yield signal_table(signal_key, model_key, example_ids[rows], labels[rows], is_member[rows], columns)
+
+
+def _check_same_examples(con, path: Path, dataset: str, examples: pa.Table) -> None:
+    """`--dataset digits` (a registered dataset) claims these rows are its examples: ids the runner already
+    stored must carry the same labels, or `v_membership.label` (read from the stored examples) would be
+    another array's labels. Free-form names (a population of imports) are not checked here.
     """
     con.register("incoming_examples", examples)
     try:

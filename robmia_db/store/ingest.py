@@ -192,8 +192,12 @@ def perturbation_accuracies(table: pa.Table) -> tuple[float | None, float | None
 
 
 def _insert_perturbation(con: duckdb.DuckDBPyConnection, record: PerturbationRecord) -> None:
-    _check_unique_examples(record)
-    member_acc, nonmember_acc = perturbation_accuracies(record.signals)
+    """Insert one perturbation. `record.signals` is one table, or an iterator of row chunks (a streamed
+    import, whose caller has checked the ids are distinct): memory then holds one chunk, not the whole."""
+    chunked = not isinstance(record.signals, pa.Table)
+    if not chunked:
+        _check_unique_examples(record)
+        member_acc, nonmember_acc = perturbation_accuracies(record.signals)
     # replacing is idempotent: a rerun that recomputes a perturbation never duplicates its rows
     # the signals table has no index: scan it only when the perturbation is really there
     if con.execute("SELECT count(*) FROM perturbations WHERE signal_key = ?", [record.signal_key]).fetchall()[
@@ -215,19 +219,35 @@ def _insert_perturbation(con: duckdb.DuckDBPyConnection, record: PerturbationRec
         for key in stale:
             con.execute("DELETE FROM signals WHERE signal_key = ?", [key])
             con.execute("DELETE FROM perturbations WHERE signal_key = ?", [key])
+    counts = np.zeros(4, dtype=np.int64)  # correct members, members, correct non-members, non-members
+    n_rows = 0
+    for chunk in [record.signals] if not chunked else record.signals:
+        if chunked:
+            correct = chunk.column("is_correct").to_numpy(zero_copy_only=False)
+            member = chunk.column("is_member").to_numpy(zero_copy_only=False)
+            counts += [
+                int(correct[member].sum()),
+                int(member.sum()),
+                int(correct[~member].sum()),
+                int((~member).sum()),
+            ]
+        n_rows += chunk.num_rows
+        con.register("incoming_signals", chunk)
+        try:
+            con.execute("INSERT INTO signals BY NAME SELECT * FROM incoming_signals")
+        finally:
+            con.unregister("incoming_signals")
+    if chunked:
+        member_acc = float(counts[0] / counts[1]) if counts[1] else None
+        nonmember_acc = float(counts[2] / counts[3]) if counts[3] else None
     con.execute(
         "INSERT INTO perturbations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             record.signal_key, record.model_key, record.name, record.kind, record.eps,
-            json.dumps(record.settings), record.signals.num_rows, member_acc, nonmember_acc, record.seconds,
+            json.dumps(record.settings), n_rows, member_acc, nonmember_acc, record.seconds,
             datetime.now(timezone.utc),
         ],
     )  # fmt: skip
-    con.register("incoming_signals", record.signals)
-    try:
-        con.execute("INSERT INTO signals BY NAME SELECT * FROM incoming_signals")
-    finally:
-        con.unregister("incoming_signals")
 
 
 def write_model(
