@@ -35,6 +35,7 @@ CCS2019_KEYS = (
 )  # fmt: skip
 
 
+IMPORT_MEMORY_LIMIT = "1GB"
 CHUNK_ROWS = 262_144  # rows per streamed chunk: ~10 MB of float32 probabilities at 10 classes
 
 
@@ -377,7 +378,9 @@ def import_outputs(
             ),
         }
     )
-    with writing(db_path) as con:
+    # a memory limit makes DuckDB write a large transaction's rows to the file as it goes instead of
+    # holding them until COMMIT (3.6 GB at 1e7 rows without it, measured by benchmarks/bench_memory.py)
+    with writing(db_path, memory_limit=IMPORT_MEMORY_LIMIT) as con:
         if dataset and dataset in dataset_names():
             _check_same_examples(con, path, dataset, examples)
         ingest.write_model(con, record, membership, examples, records)
