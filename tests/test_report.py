@@ -532,6 +532,9 @@ def test_attack_filters_choose_what_the_page_shows(report_store, tmp_path):
         result = runner.invoke(main, ["report", "--db", str(report_store), "-o", str(page), *args])
         assert result.exit_code == 0, result.output
         root = parse(page.read_text(encoding="utf-8"))
+        left_out = [n for n in section(root, "overview").find_all("dd") if "data-left-out" in n.attrs]
+        paper_note = "is left out of this report" in section(root, "paper-table").text
+        assert paper_note == (left_out != [] and "confidence" in left_out[0].attrs["data-left-out"].split())
         rows = section(root, "leaderboard").find_all("tr")
         in_boards = {r.attrs["data-attack"] for r in rows if "data-attack" in r.attrs}
         curves = {
@@ -546,6 +549,7 @@ def test_attack_filters_choose_what_the_page_shows(report_store, tmp_path):
         (("--attack", "loss", "--attack", "confidence"), {"loss", "confidence"}),
         (("--exclude-attack", "loss"), {"confidence", "adv_loss_gap"}),
         (("--attack", "adv_loss_gap"), {"adv_loss_gap"}),
+        (("--exclude-attack", "confidence"), {"loss", "adv_loss_gap"}),
     ]:
         boards, curves = shown(*args)
         assert boards == expected, args

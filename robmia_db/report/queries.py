@@ -52,6 +52,7 @@ class ReportData:
     histogram_bins: list[dict[str, Any]] = field(default_factory=list)
     chart_models: list[str] = field(default_factory=list)
     package_versions: list[dict[str, Any]] = field(default_factory=list)
+    attacks_left_out: list[str] = field(default_factory=list)  # scored, but filtered out by the caller
     query_seconds: float = 0.0
 
 
@@ -323,8 +324,10 @@ def collect_report_data(
                ) = 1
                ORDER BY x.model_key, x.balanced_accuracy DESC NULLS LAST, x.attack, x.perturbation""",
         )
+        scored = {row["attack"] for row in data.metrics}
         data.metrics = _select_attacks(data.metrics, attacks, exclude_attacks, db_path)
         chosen = {row["attack"] for row in data.metrics}
+        data.attacks_left_out = sorted(scored - chosen)
         data.attacks = _attack_overview(con, data.metrics)
         data.skips = _rows(
             con,
