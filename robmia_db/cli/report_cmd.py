@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from robmia_db.cli.base import db_option, get_state, handle_errors, main
@@ -12,8 +14,8 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False),
-    help="HTML file to write (default reports/<store name>.html).",
+    type=click.Path(),
+    help="HTML file to write (default reports/<store name>.html); with --tables, the folder for the tables.",
 )
 @click.option("--experiment", metavar="NAME", help="Only the models of this experiment.")
 @click.option(
@@ -21,8 +23,16 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
     type=click.Choice(["png", "svg"]),
     help="Also write every chart as PNG or SVG into <page>-charts/ beside the page.",
 )
+@click.option(
+    "--tables",
+    type=click.Choice(["latex", "csv"]),
+    help="Instead of the page, write the paper table and the leaderboard with 95% intervals "
+    "(booktabs LaTeX or CSV) into the folder -o (default reports/tables).",
+)
 @handle_errors
-def report_command(output: str | None, experiment: str | None, static: str | None) -> None:
+def report_command(
+    output: str | None, experiment: str | None, static: str | None, tables: str | None
+) -> None:
     """Write a self-contained HTML report (works offline) and print its path.
 
     Sections: overview, the paper's table per dataset, attack leaderboard, ROC curves, confidence/loss
@@ -30,7 +40,17 @@ def report_command(output: str | None, experiment: str | None, static: str | Non
 
     Example: robmia-db report -o reports/yale.html --experiment yale-paper --static png
     """
+    if tables:
+        from robmia_db.report.exports import export_tables
+
+        for path in export_tables(get_state().db_path, tables, output or "reports/tables", experiment):
+            click.echo(str(path))
+        return
+    from robmia_db.errors import RobmiaError
     from robmia_db.report import build_report
+
+    if output and Path(output).is_dir():
+        raise RobmiaError(f"-o {output} is a folder; the page needs a file name (or use --tables)")
 
     path = build_report(get_state().db_path, output=output, experiment=experiment, static=static)
     click.echo(str(path))
