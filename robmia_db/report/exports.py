@@ -13,16 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from robmia_db.errors import RobmiaError
-from robmia_db.report.queries import PAPER_ATTACK, ReportData, collect_report_data
+from robmia_db.report.intervals import bootstrap_intervals, cell_interval
+from robmia_db.report.queries import ReportData, collect_report_data
 from robmia_db.report.tables import PAPER_COLUMNS, paper_tables, paper_values
 
-# Student t 0.975 quantiles for 1..30 degrees of freedom (scipy); the normal value beyond is within 2.3 %.
-_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
-         2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,
-         2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,
-         2.048407, 2.045230, 2.042272)  # fmt: skip
-_INFERENCE = {"i_b": "benign", "i_a": "adversarial", "i_v": "verified"}
-_PLAIN_LABELS = {"i_b": "I_B", "i_a": "I_A", "i_v": "I_V"}
 LEADERBOARD_METRICS = (
     ("balanced_accuracy", "balanced acc."),
     ("auc", "AUC"),
@@ -31,24 +25,10 @@ LEADERBOARD_METRICS = (
 )
 
 
-def t_interval(mean: float, sd: float | None, n: int) -> tuple[float | None, float | None]:
-    if n < 2 or sd is None:
-        return None, None
-    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.959963984540054
-    half = t * sd / math.sqrt(n)
-    return mean - half, mean + half
-
-
 def paper_rows(data: ReportData) -> list[dict[str, Any]]:
     """One row per dataset x configuration: each paper column's mean, sd, interval and its source."""
     values = paper_values(data)
-    single_ci: dict[tuple[str, str], tuple[Any, Any]] = {}
-    for row in data.metrics:
-        if row["attack"] == PAPER_ATTACK:
-            single_ci[(row["model_key"], row["perturbation"])] = (
-                row.get("balanced_accuracy_ci_low"),
-                row.get("balanced_accuracy_ci_high"),
-            )
+    bootstrap = bootstrap_intervals(data)
     out = []
     for table in paper_tables(data, values):
         for row in table["rows"]:
@@ -60,16 +40,7 @@ def paper_rows(data: ReportData) -> list[dict[str, Any]]:
                 cell = row["cells"][column]
                 mean = None if cell is None else cell["mean"]
                 sd = None if cell is None else cell["std"]
-                low = high = None
-                source = ""
-                if cell is not None and cell["n"] > 1:
-                    low, high = t_interval(mean, sd, cell["n"])
-                    source = "seeds"
-                elif cell is not None and column in _INFERENCE and row["n_seeds"] == 1:
-                    key = row["model_keys"][0]
-                    name = data.primary.get((key, _INFERENCE[column]))
-                    low, high = single_ci.get((key, name), (None, None))
-                    source = "bootstrap" if low is not None else ""
+                low, high, source = cell_interval(cell, column, row["model_keys"], bootstrap)
                 record |= {
                     column: mean, f"{column}_sd": sd, f"{column}_ci_low": low, f"{column}_ci_high": high,
                     f"{column}_interval": source,
