@@ -43,6 +43,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("is_member", "BOOLEAN"), ("perturbation", "VARCHAR"), ("kind", "VARCHAR"), ("eps", "DOUBLE"),
         ("signal_key", "VARCHAR"), ("loss", "DOUBLE"), ("confidence", "FLOAT"), ("margin", "DOUBLE"),
         ("entropy", "DOUBLE"), ("mentropy", "DOUBLE"), ("is_correct", "BOOLEAN"), ("probs", "FLOAT[]"),
+        ("confidence_logit", "DOUBLE"),
     ],
     "v_perturbations": [
         ("signal_key", "VARCHAR"), ("model_key", "VARCHAR"), ("model_name", "VARCHAR"), ("perturbation", "VARCHAR"),
@@ -101,6 +102,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("signal_key", "VARCHAR"), ("model_key", "VARCHAR"), ("example_id", "INTEGER"), ("label", "INTEGER"),
         ("is_member", "BOOLEAN"), ("loss", "DOUBLE"), ("confidence", "FLOAT"), ("margin", "DOUBLE"),
         ("entropy", "DOUBLE"), ("mentropy", "DOUBLE"), ("is_correct", "BOOLEAN"), ("probs", "FLOAT[]"),
+        ("confidence_logit", "DOUBLE"),
     ],
 }  # fmt: skip
 

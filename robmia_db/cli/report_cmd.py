@@ -29,9 +29,22 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
     help="Instead of the page, write the paper table and the leaderboard with 95% intervals "
     "(booktabs LaTeX or CSV) into the folder -o (default reports/tables).",
 )
+@click.option("--attack", "attacks", multiple=True, metavar="NAME", help="Only this attack (repeatable).")
+@click.option(
+    "--exclude-attack",
+    "exclude_attacks",
+    multiple=True,
+    metavar="NAME",
+    help="Leave this attack out (repeatable).",
+)
 @handle_errors
 def report_command(
-    output: str | None, experiment: str | None, static: str | None, tables: str | None
+    output: str | None,
+    experiment: str | None,
+    static: str | None,
+    tables: str | None,
+    attacks: tuple[str, ...],
+    exclude_attacks: tuple[str, ...],
 ) -> None:
     """Write a self-contained HTML report (works offline) and print its path.
 
@@ -43,7 +56,11 @@ def report_command(
     if tables:
         from robmia_db.report.exports import export_tables
 
-        for path in export_tables(get_state().db_path, tables, output or "reports/tables", experiment):
+        written = export_tables(
+            get_state().db_path, tables, output or "reports/tables", experiment,
+            attacks=list(attacks) or None, exclude_attacks=list(exclude_attacks) or None,
+        )  # fmt: skip
+        for path in written:
             click.echo(str(path))
         return
     from robmia_db.errors import RobmiaError
@@ -52,5 +69,12 @@ def report_command(
     if output and Path(output).is_dir():
         raise RobmiaError(f"-o {output} is a folder; the page needs a file name (or use --tables)")
 
-    path = build_report(get_state().db_path, output=output, experiment=experiment, static=static)
+    path = build_report(
+        get_state().db_path,
+        output=output,
+        experiment=experiment,
+        static=static,
+        attacks=list(attacks) or None,
+        exclude_attacks=list(exclude_attacks) or None,
+    )
     click.echo(str(path))

@@ -159,7 +159,12 @@ def leaderboard_latex(rows: list[dict[str, Any]]) -> str:
 
 
 def export_tables(
-    db_path: str | Path, fmt: str, output_dir: str | Path, experiment: str | None = None
+    db_path: str | Path,
+    fmt: str,
+    output_dir: str | Path,
+    experiment: str | None = None,
+    attacks: list[str] | None = None,
+    exclude_attacks: list[str] | None = None,
 ) -> list[Path]:
     """Write paper_table and leaderboard as ``.csv`` or ``.tex`` into `output_dir`; returns the paths."""
     if fmt not in ("csv", "latex"):
@@ -167,7 +172,7 @@ def export_tables(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise RobmiaError(f"-o {out}: with --tables, -o is a folder, and this is a file")
-    data = collect_report_data(db_path, experiment)
+    data = collect_report_data(db_path, experiment, attacks, exclude_attacks)
     paper, board = paper_rows(data), leaderboard_rows(data)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":

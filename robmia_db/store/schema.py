@@ -174,6 +174,10 @@ MIGRATIONS: list[str] = [
         tpr_at_fpr_1e2_ci_high DOUBLE
     );
     """,
+    # 5 (refattacks): LiRA's logit-scaled confidence phi = log p_y - log(1 - p_y), float64, computed stably
+    # from the logits (robmia_db/store/signals.py); stores written before it hold NULL there, and the
+    # reference-model attacks then compute phi from the stored float32 probabilities as the reference code does
+    "ALTER TABLE signals ADD COLUMN confidence_logit DOUBLE;",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -209,7 +213,8 @@ LEFT JOIN primary_perturbations v ON v.model_key = m.model_key AND v.kind = 'ver
 
 CREATE OR REPLACE VIEW v_signals AS
 SELECT s.model_key, m.model_name, s.example_id, s.label, s.is_member, p.name AS perturbation, p.kind,
-       p.eps, s.signal_key, s.loss, s.confidence, s.margin, s.entropy, s.mentropy, s.is_correct, s.probs
+       p.eps, s.signal_key, s.loss, s.confidence, s.margin, s.entropy, s.mentropy, s.is_correct, s.probs,
+       s.confidence_logit
 FROM signals s
 JOIN perturbations p USING (signal_key)
 JOIN models m ON m.model_key = s.model_key;
