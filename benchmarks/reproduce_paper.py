@@ -14,6 +14,7 @@ ours against the paper's. Numbers go to a JSON file (`--out`).
 
 Usage:
     python benchmarks/reproduce_paper.py --data DIR [--lite] [--db PATH] [--datasets yale,fmnist,cifar10]
+    python benchmarks/reproduce_paper.py --findings-only --db PATH     # any store, e.g. the digits sweeps
 """
 
 from __future__ import annotations
@@ -397,7 +398,7 @@ def print_table(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with one subfolder per dataset ($ROBMIA_DATA)")
+    parser.add_argument("--data", help="folder with one subfolder per dataset ($ROBMIA_DATA)")
     parser.add_argument("--lite", action="store_true", help="the CPU-sized specs in specs/paper-lite/")
     parser.add_argument("--db", default=None, help="DuckDB store (default: paper[-lite].duckdb here)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma list of yale, fmnist, cifar10")
@@ -416,8 +417,30 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="JSON output (default benchmarks/results/reproduce_paper[-lite]-<datasets>.json)",
     )
+    parser.add_argument(
+        "--findings-only",
+        action="store_true",
+        help="no specs, no training: decide the findings on every model of --db (scoring confidence first)",
+    )
     args = parser.parse_args(argv)
+    if args.findings_only:
+        if not args.db:
+            parser.error("--findings-only needs --db")
+        from robmia_db.attacks.scoring import score_attacks
+        from robmia_db.store.query import run_query
 
+        score_attacks(args.db, ["confidence"], resamples=args.resamples)
+        keys = [r["model_key"] for r in run_query(args.db, "SELECT model_key FROM v_models").to_pylist()]
+        findings = statistical_findings(Path(args.db), keys, args.resamples)
+        print_findings(findings)
+        out = Path(args.out or REPO / "benchmarks" / "results" / f"findings-{Path(args.db).stem}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"db": str(args.db), "findings": findings}, indent=2, default=str))
+        print(f"\nwrote {out}")
+        return 0
+
+    if not args.data:
+        parser.error("--data is required (unless --findings-only)")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:

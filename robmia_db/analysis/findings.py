@@ -98,6 +98,8 @@ def robust_vs_natural(vectors, dataset, n_resamples, seed) -> list[dict[str, Any
         for r in paired_rows(
             vectors, defense, "natural", n_resamples=n_resamples, n_permutations=1, seed=seed
         ):
+            if r["kind"] != "benign" and r["eps_a"] is not None and r["perturbation_eps"] != r["eps_a"]:
+                continue  # I_A / I_V as the paper defines them: at the robust model's own training eps
             detail = f"{defense} - natural, {r['kind']} ({r['arch']}, eps {r['eps_a']})"
             rows.append(_row(dataset, 1, detail, r["difference"], r["ci_low"], r["ci_high"], r["n_pairs"]))
     return rows
