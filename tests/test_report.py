@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import REPO, TrainedStore, merged, toml_dumps
+from scipy import stats
 from sklearn.metrics import roc_curve
 
 from robmia_db.cli import main
@@ -264,7 +265,21 @@ def test_paper_table_matches_views_and_sklearn(report_page, report_store):
                 assert "±" in cell.text
             else:
                 assert cell.attrs["data-std"] == ""
-            assert cell.text.split("±")[0].strip() == f"{100 * np.mean(values):.2f}"
+            assert cell.text.split("±")[0].split("[")[0].strip() == f"{100 * np.mean(values):.2f}"
+            # issue 10: the 95 % interval, over seeds (scipy's t) or the model's stored bootstrap interval
+            if len(values) > 1:
+                low = high = np.mean(values)  # a zero spread (scipy would give NaN): the point itself
+                if np.std(values) > 0:
+                    low, high = stats.t.interval(
+                        0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values)
+                    )
+                assert cell.attrs["data-ci-source"] == "seeds"
+                assert float(cell.attrs["data-ci-low"]) == pytest.approx(low, abs=1e-6)
+                assert float(cell.attrs["data-ci-high"]) == pytest.approx(high, abs=1e-6)
+            elif column in ("i_b", "i_a"):
+                assert cell.attrs["data-ci-source"] == "bootstrap"
+                assert float(cell.attrs["data-ci-low"]) <= float(cell.attrs["data-mean"])
+                assert f"[{100 * float(cell.attrs['data-ci-low']):.2f}, " in cell.text
             checked += 1
     assert checked == 3 * 6
     # no verified perturbation in this store: no verified columns
