@@ -11,6 +11,7 @@ scaled by 4 (their cost is linear in the batch). The projected dual rows are fol
 0.4.4's own step in the same mode (proj=k, l1_median, bounded input), and the ratio ours / theirs.
 
     python benchmarks/bench_defenses.py [--out benchmarks/results/bench_defenses.json] [--repeats 5]
+        [--only projections]
 """
 
 from __future__ import annotations
@@ -157,7 +158,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/bench_defenses.json")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated parts of case labels to run (natural always runs: it is the baseline), "
+        'e.g. "projections" for the dual rows against convex_adversarial',
+    )
     args = parser.parse_args()
+    wanted = [part.strip() for part in args.only.split(",") if part.strip()]
     torch.set_num_threads(1)
     started = time.perf_counter()
     results: dict[str, Any] = {
@@ -172,6 +180,8 @@ def main() -> None:
         rows: dict[str, Any] = {}
         baseline = None
         for label, name, params in CASES:
+            if wanted and name != "natural" and not any(part in label for part in wanted):
+                continue
             torch.manual_seed(0)
             model = build()
             small = side == 28 and label in EXPENSIVE_AT_28
