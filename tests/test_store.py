@@ -72,6 +72,12 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("calibrated_accuracy", "DOUBLE"), ("calibrated_threshold", "DOUBLE"), ("n_reference_models", "INTEGER"),
         ("tp_at_best", "BIGINT"), ("fp_at_best", "BIGINT"), ("auc_numerator2", "HUGEINT"),
         ("attack_key", "VARCHAR"), ("inputs_key", "VARCHAR"), ("seconds", "DOUBLE"), ("created_at", TS),
+        # issue 10: bootstrap intervals
+        ("balanced_accuracy_ci_low", "DOUBLE"), ("balanced_accuracy_ci_high", "DOUBLE"),
+        ("auc_ci_low", "DOUBLE"), ("auc_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_0_ci_low", "DOUBLE"), ("tpr_at_fpr_0_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_1e3_ci_low", "DOUBLE"), ("tpr_at_fpr_1e3_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_1e2_ci_low", "DOUBLE"), ("tpr_at_fpr_1e2_ci_high", "DOUBLE"), ("ci_resamples", "INTEGER"),
     ],
     "v_attack_skips": [
         ("model_key", "VARCHAR"), ("model_name", "VARCHAR"), ("attack", "VARCHAR"), ("perturbation", "VARCHAR"),
@@ -81,6 +87,16 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("attack_key", "VARCHAR"), ("attack", "VARCHAR"), ("title", "VARCHAR"), ("paper", "VARCHAR"),
         ("description", "VARCHAR"), ("language", "VARCHAR"), ("source_path", "VARCHAR"), ("params", "JSON"),
         ("needs", "JSON"), ("created_at", TS),
+    ],
+    "v_configurations": [
+        ("experiment", "VARCHAR"), ("dataset", "VARCHAR"), ("arch", "VARCHAR"), ("width", "DOUBLE"),
+        ("defense", "VARCHAR"), ("eps", "DOUBLE"), ("attack", "VARCHAR"), ("perturbation", "VARCHAR"),
+        ("kind", "VARCHAR"), ("perturbation_eps", "DOUBLE"), ("n_seeds", "BIGINT"), ("seeds", "INTEGER[]"),
+        ("balanced_accuracy_mean", "DOUBLE"), ("balanced_accuracy_sd", "DOUBLE"),
+        ("balanced_accuracy_ci_low", "DOUBLE"), ("balanced_accuracy_ci_high", "DOUBLE"),
+        ("auc_mean", "DOUBLE"), ("auc_sd", "DOUBLE"), ("auc_ci_low", "DOUBLE"), ("auc_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_1e2_mean", "DOUBLE"), ("tpr_at_fpr_1e2_sd", "DOUBLE"),
+        ("tpr_at_fpr_1e2_ci_low", "DOUBLE"), ("tpr_at_fpr_1e2_ci_high", "DOUBLE"),
     ],
     "signals": [
         ("signal_key", "VARCHAR"), ("model_key", "VARCHAR"), ("example_id", "INTEGER"), ("label", "INTEGER"),
