@@ -537,12 +537,17 @@ def test_attack_filters_choose_what_the_page_shows(report_store, tmp_path):
         root = parse(page.read_text(encoding="utf-8"))
         rows = section(root, "leaderboard").find_all("tr")
         in_boards = {r.attrs["data-attack"] for r in rows if "data-attack" in r.attrs}
+        specs = chart_specs(root).values()
         curves = {
             label["curve"].split(". ", 1)[1].split(" on ")[0]
-            for spec in chart_specs(root).values()
-            for label in spec.get("datasets", {}).get("curves", [])
+            for spec in specs
+            if "roc_points" in spec.get("datasets", {})
+            for label in spec["datasets"]["curves"]
         }
-        return in_boards, curves
+        per_attack = {
+            spec["title"].split(" · ")[0] for spec in specs if "attack_roc_points" in spec.get("datasets", {})
+        }
+        return in_boards, curves, per_attack
 
     for args, expected in [
         ((), scored),
@@ -550,9 +555,10 @@ def test_attack_filters_choose_what_the_page_shows(report_store, tmp_path):
         (("--exclude-attack", "loss"), {"confidence", "adv_loss_gap"}),
         (("--attack", "adv_loss_gap"), {"adv_loss_gap"}),
     ]:
-        boards, curves = shown(*args)
+        boards, curves, per_attack = shown(*args)
         assert boards == expected, args
         assert curves and curves <= expected, args
+        assert per_attack == expected, args
     for args, message in [
         (
             ("--attack", "nope"),
