@@ -50,6 +50,7 @@ def render_report(data: ReportData) -> tuple[str, list[ChartSlot]]:
     annotate_paper_tables(data, paper_tables)  # issue 10: 95 % intervals beside each value
     leaderboards = tables.leaderboards(data)
     roc = figures.roc_charts(data, chart_list)
+    attack_roc = figures.attack_roc_charts(data, chart_list)
     histograms = figures.histogram_charts(data, chart_list)
     gap = figures.gap_chart(data, values, chart_list)
     sweeps, n_sweeps = figures.sweeps(data, values, chart_list)
@@ -65,6 +66,7 @@ def render_report(data: ReportData) -> tuple[str, list[ChartSlot]]:
         "leaderboards": leaderboards,
         "open_leaderboards": len(leaderboards) <= OPEN_LEADERBOARD_MODELS,
         "roc": roc,
+        "attack_roc": attack_roc,
         "histograms": histograms,
         "charted_models": len(data.chart_models),
         "n_configurations": len(

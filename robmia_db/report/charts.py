@@ -96,7 +96,7 @@ def _decades(low: float) -> list[float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _roc_skeleton(min_fpr: float) -> dict[str, Any]:
+def _roc_skeleton(min_fpr: float, points_name: str = "roc_points") -> dict[str, Any]:
     domain = [min_fpr, 1.0]
     ticks = _decades(min_fpr)
 
@@ -106,7 +106,7 @@ def _roc_skeleton(min_fpr: float) -> dict[str, Any]:
     chance = alt.Chart(alt.NamedData(name="chance")).mark_line(color="#999", strokeDash=[4, 4], strokeWidth=1)
     chance = chance.encode(x=alt.X("fpr:Q"), y=alt.Y("tpr:Q"))
     curves = (
-        alt.Chart(alt.NamedData(name="roc_points"))
+        alt.Chart(alt.NamedData(name=points_name))
         # points carry a curve number; the label is looked up so it is not repeated on every point
         .transform_lookup(
             lookup="c", from_=alt.LookupData(data=alt.NamedData(name="curves"), key="c", fields=["curve"])
@@ -137,7 +137,11 @@ def _roc_skeleton(min_fpr: float) -> dict[str, Any]:
 
 
 def roc_chart(
-    points: Sequence[dict[str, Any]], curves: Sequence[str], min_fpr: float, title: str
+    points: Sequence[dict[str, Any]],
+    curves: Sequence[str],
+    min_fpr: float,
+    title: str,
+    points_name: str = "roc_points",
 ) -> dict[str, Any]:
     """ROC curves on log-log axes with the chance diagonal.
 
@@ -147,6 +151,7 @@ def roc_chart(
         curves: Curve labels.
         min_fpr: Left end of both axes, normally 1 / (number of non-members).
         title: Chart title.
+        points_name: Name of the points dataset (per-model and per-attack charts differ by it).
 
     Returns:
         A Vega-Lite spec.
@@ -154,7 +159,9 @@ def roc_chart(
     chance = [{"fpr": min_fpr, "tpr": min_fpr}, {"fpr": 1.0, "tpr": 1.0}]
     labels = [{"c": index, "curve": label} for index, label in enumerate(curves)]
     return _with_data(
-        _roc_skeleton(float(min_fpr)), title, {"roc_points": points, "chance": chance, "curves": labels}
+        _roc_skeleton(float(min_fpr), points_name),
+        title,
+        {points_name: points, "chance": chance, "curves": labels},
     )
 
 
