@@ -495,7 +495,7 @@ def test_a_large_sweep_shows_its_size_and_needs_yes(write_spec, tmp_path):
     db = tmp_path / "s.duckdb"
     result = cli("run", str(spec), "--db", str(db))
     one_line_error(result, "600 models to train (1,200 training epochs), more than 500", "--yes")
-    assert "600 model(s): 600 to train (1,200 training epochs in all)" in result.stderr
+    assert "600 model(s): 600 to train (1,200 epochs)" in result.stderr
     assert not db.with_name("s.checkpoints").exists() or not any(db.with_name("s.checkpoints").iterdir())
     huge = write_spec({"training": {"seeds": list(range(30000))}}, name="huge.toml")
     assert "more than 20,000 per spec" in cli("check", str(huge)).stderr

@@ -65,7 +65,7 @@ class RichReporter:
             int(j.identity["training"]["epochs"]) for j in jobs if actions.get(j.model_key) == "train"
         )
         console.print(
-            f"{len(jobs)} model(s): {counts['train']} to train ({epochs:,} training epochs in all), "
+            f"{len(jobs)} model(s): {counts['train']} to train{f' ({epochs:,} epochs)' if epochs else ''}, "
             f"{counts['signals']} to add signals to, {counts['skip']} already stored"
         )
         self.state.plan(jobs, actions)
