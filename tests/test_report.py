@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import REPO, TrainedStore, merged, toml_dumps
+from scipy import stats
 from sklearn.metrics import roc_curve
 
 from robmia_db.cli import main
@@ -267,7 +268,21 @@ def test_paper_table_matches_views_and_sklearn(report_page, report_store):
                 assert "±" in cell.text
             else:
                 assert cell.attrs["data-std"] == ""
-            assert cell.text.split("±")[0].strip() == f"{100 * np.mean(values):.2f}"
+            assert cell.text.split("±")[0].split("[")[0].strip() == f"{100 * np.mean(values):.2f}"
+            # issue 10: the 95 % interval, over seeds (scipy's t) or the model's stored bootstrap interval
+            if len(values) > 1:
+                low = high = np.mean(values)  # a zero spread (scipy would give NaN): the point itself
+                if np.std(values) > 0:
+                    low, high = stats.t.interval(
+                        0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values)
+                    )
+                assert cell.attrs["data-ci-source"] == "seeds"
+                assert float(cell.attrs["data-ci-low"]) == pytest.approx(low, abs=1e-6)
+                assert float(cell.attrs["data-ci-high"]) == pytest.approx(high, abs=1e-6)
+            elif column in ("i_b", "i_a"):
+                assert cell.attrs["data-ci-source"] == "bootstrap"
+                assert float(cell.attrs["data-ci-low"]) <= float(cell.attrs["data-mean"])
+                assert f"[{100 * float(cell.attrs['data-ci-low']):.2f}, " in cell.text
             checked += 1
     assert checked == 3 * 6
     # no verified perturbation in this store: no verified columns
@@ -535,6 +550,9 @@ def test_attack_filters_choose_what_the_page_shows(report_store, tmp_path):
         result = runner.invoke(main, ["report", "--db", str(report_store), "-o", str(page), *args])
         assert result.exit_code == 0, result.output
         root = parse(page.read_text(encoding="utf-8"))
+        left_out = [n for n in section(root, "overview").find_all("dd") if "data-left-out" in n.attrs]
+        paper_note = "is left out of this report" in section(root, "paper-table").text
+        assert paper_note == (left_out != [] and "confidence" in left_out[0].attrs["data-left-out"].split())
         rows = section(root, "leaderboard").find_all("tr")
         in_boards = {r.attrs["data-attack"] for r in rows if "data-attack" in r.attrs}
         specs = chart_specs(root).values()
@@ -554,6 +572,7 @@ def test_attack_filters_choose_what_the_page_shows(report_store, tmp_path):
         (("--attack", "loss", "--attack", "confidence"), {"loss", "confidence"}),
         (("--exclude-attack", "loss"), {"confidence", "adv_loss_gap"}),
         (("--attack", "adv_loss_gap"), {"adv_loss_gap"}),
+        (("--exclude-attack", "confidence"), {"loss", "adv_loss_gap"}),
     ]:
         boards, curves, per_attack = shown(*args)
         assert boards == expected, args

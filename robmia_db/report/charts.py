@@ -252,23 +252,26 @@ def _sweep_skeleton(parameter: str, settings: tuple[float, ...], log_x: bool) ->
     x_scale = (
         alt.Scale(type="log", domain=domain, nice=False) if log_x else alt.Scale(domain=domain, nice=False)
     )
-    base = (
+    x = alt.X("value:Q", title=parameter, scale=x_scale, axis=alt.Axis(values=list(settings), format="~g"))
+    line = (
         alt.Chart()
         .mark_line(point=True)
         .encode(
-            x=alt.X(
-                "value:Q", title=parameter, scale=x_scale, axis=alt.Axis(values=list(settings), format="~g")
-            ),
+            x=x,
             y=alt.Y("mean:Q", title="%", scale=alt.Scale(zero=False)),
             color=alt.Color("quantity:N", title=None),
             tooltip=[
                 alt.Tooltip("quantity:N"),
                 alt.Tooltip("value:Q", title=parameter),
                 alt.Tooltip("mean:Q", format=".2f"),
+                alt.Tooltip("low:Q", format=".2f", title="95% low"),
+                alt.Tooltip("high:Q", format=".2f", title="95% high"),
             ],
         )
-        .properties(width=260, height=200)
     )
+    # 95 % intervals (over seeds, or the bootstrap of a single model); points without one draw no bar
+    bars = alt.Chart().mark_rule(opacity=0.6).encode(x=x, y="low:Q", y2="high:Q", color="quantity:N")
+    base = alt.layer(line, bars).properties(width=260, height=200)
     chart = alt.FacetChart(
         data=alt.NamedData(name="sweep_points"),
         spec=base,
@@ -285,8 +288,8 @@ def sweep_chart(points: Sequence[dict[str, Any]], parameter: str, title: str, lo
     """Accuracies and inference accuracies against one swept parameter (means over seeds).
 
     Args:
-        points: Records ``{"value", "quantity", "mean", "group"}`` (mean in percent; group says accuracy
-            or inference, for the two panels).
+        points: Records ``{"value", "quantity", "mean", "low", "high", "group"}`` (percent; low / high
+            the 95 % interval or None; group says accuracy or inference, for the two panels).
         parameter: Name of the swept parameter, the x axis title.
         title: Chart title.
         log_x: Use a log x axis (for parameters spanning decades).

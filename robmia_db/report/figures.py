@@ -11,6 +11,7 @@ from typing import Any
 
 from robmia_db.report import charts, queries
 from robmia_db.report.formatting import fmt_param, slug
+from robmia_db.report.intervals import bootstrap_intervals, cell_interval
 from robmia_db.report.queries import (
     HISTOGRAM_BINS,
     KINDS,
@@ -221,6 +222,7 @@ def sweeps(
                 continue
             found.append((parameter, key, models, settings))
     result = []
+    bootstrap = bootstrap_intervals(data)
     for parameter, key, models, settings in found[:MAX_SWEEP_CHARTS]:
         records = []
         for setting in settings:
@@ -228,12 +230,15 @@ def sweeps(
             for column, label, group in SWEEP_QUANTITIES:
                 summary = stat([values[m["model_key"]][column] for m in at])
                 if summary is not None:
+                    low, high, _ = cell_interval(summary, column, [m["model_key"] for m in at], bootstrap)
                     records.append(
                         {
                             "value": setting,
                             "quantity": label,
                             "group": group,
                             "mean": round(100 * summary["mean"], 4),
+                            "low": None if low is None else round(100 * low, 4),
+                            "high": None if high is None else round(100 * high, 4),
                         }
                     )
         if not records:

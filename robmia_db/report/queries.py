@@ -54,6 +54,7 @@ class ReportData:
     histogram_bins: list[dict[str, Any]] = field(default_factory=list)
     chart_models: list[str] = field(default_factory=list)
     package_versions: list[dict[str, Any]] = field(default_factory=list)
+    attacks_left_out: list[str] = field(default_factory=list)  # scored, but filtered out by the caller
     query_seconds: float = 0.0
 
 
@@ -365,7 +366,11 @@ def collect_report_data(
             """SELECT x.model_key, x.model_name, x.dataset, x.attack, x.attack_title, x.perturbation, x.kind,
                       x.perturbation_eps, x.balanced_accuracy, x.auc, x.tpr_at_fpr_1e3, x.tpr_at_fpr_1e2,
                       x.advantage, x.calibrated_accuracy, x.n_members, x.n_nonmembers, x.seconds, x.created_at,
-                      x.attack_key
+                      x.attack_key,
+                      -- issue 10: bootstrap intervals (NULL where scored with --resamples 0)
+                      x.balanced_accuracy_ci_low, x.balanced_accuracy_ci_high, x.auc_ci_low, x.auc_ci_high,
+                      x.tpr_at_fpr_1e3_ci_low, x.tpr_at_fpr_1e3_ci_high, x.tpr_at_fpr_1e2_ci_low,
+                      x.tpr_at_fpr_1e2_ci_high
                FROM v_metrics x JOIN __report_models USING (model_key)
                -- a re-scored attack (edited source) leaves one row per version: show the newest
                QUALIFY row_number() OVER (
@@ -373,8 +378,10 @@ def collect_report_data(
                ) = 1
                ORDER BY x.model_key, x.balanced_accuracy DESC NULLS LAST, x.attack, x.perturbation""",
         )
+        scored = {row["attack"] for row in data.metrics}
         data.metrics = _select_attacks(data.metrics, attacks, exclude_attacks, db_path)
         chosen = {row["attack"] for row in data.metrics}
+        data.attacks_left_out = sorted(scored - chosen)
         data.attacks = _attack_overview(con, data.metrics)
         data.skips = _rows(
             con,
