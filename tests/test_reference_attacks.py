@@ -462,3 +462,22 @@ def test_shokri_trains_one_attack_model_per_class_on_the_references_only(fleet: 
                 model.fit(x[keep], y[keep])
             expected[cls] = model.predict_proba(probs[t][cls])[:, list(model.classes_).index(True)]
         np.testing.assert_allclose(stored(fleet.db, "shokri", fleet.keys[t], "benign"), expected, rtol=1e-12)
+
+
+def test_runner_records_confidence_logit_for_benign_and_pgd(tmp_path: Path):
+    """Trained through the runner: phi agrees with the stored float64 loss, phi = log p - log(1 - p) with
+    log p = -loss, on every row of every perturbation kind recorded."""
+    import torch
+    from attack_fixtures import population_spec
+
+    from robmia_db.runner.executor import run_specs
+
+    torch.set_num_threads(1)
+    db = tmp_path / "runner.duckdb"
+    summary = run_specs([population_spec(tmp_path / "p.toml", signals=("benign", "pgd"), epochs=3)], db)
+    assert not summary.failed
+    rows = query(db, "SELECT kind, loss, confidence_logit FROM v_signals")
+    assert {r["kind"] for r in rows} == {"benign", "adversarial"} and len(rows) == 3 * 300 * 2
+    loss = np.array([r["loss"] for r in rows])
+    phi = np.array([r["confidence_logit"] for r in rows])
+    np.testing.assert_allclose(phi, -loss - np.log(-np.expm1(-loss)), rtol=1e-9, atol=1e-9)
