@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from attack_fixtures import (
+    JOINT_REFERENCE_ATTACKS,
     REFERENCE_ATTACKS,
     SIGNAL_ATTACKS,
     SQL_BUILTINS,
@@ -724,7 +725,7 @@ def _builtin_titles() -> dict[str, str]:
 
 def test_attacks_command_lists_builtins_and_user_attacks(tmp_path: Path):
     titles = _builtin_titles()
-    assert set(titles) == {*SQL_BUILTINS, *REFERENCE_ATTACKS}
+    assert set(titles) == {*SQL_BUILTINS, *REFERENCE_ATTACKS, *JOINT_REFERENCE_ATTACKS}
     result = CliRunner().invoke(main, ["attacks"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
