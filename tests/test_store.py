@@ -37,6 +37,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("train_seconds", "DOUBLE"), ("started_at", TS), ("finished_at", TS), ("device", "VARCHAR"),
         ("git_commit", "VARCHAR"), ("git_dirty", "BOOLEAN"), ("host", "VARCHAR"), ("checkpoint", "VARCHAR"),
         ("dataset_checksum", "VARCHAR"), ("config", "JSON"), ("package_versions", "JSON"),
+        ("spec_path", "VARCHAR"), ("spec_text", "VARCHAR"),
     ],
     "v_signals": [
         ("model_key", "VARCHAR"), ("model_name", "VARCHAR"), ("example_id", "INTEGER"), ("label", "INTEGER"),

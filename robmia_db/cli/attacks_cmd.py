@@ -129,8 +129,5 @@ def import_command(path, fmt, name, experiment, dataset, defense) -> None:
     """
     from robmia_db.attacks.importers import import_outputs
 
-    record = import_outputs(get_state().db_path, path, fmt, name, experiment, dataset, defense)
-    click.echo(
-        f"imported {record.model_name} ({record.model_key}): {record.n_members} members, "
-        f"{record.n_nonmembers} non-members, {record.n_classes} classes"
-    )
+    result = import_outputs(get_state().db_path, path, fmt, name, experiment, dataset, defense)
+    click.echo(result.describe())

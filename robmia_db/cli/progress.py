@@ -36,6 +36,9 @@ class RichReporter:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
+    def name_changed(self, change) -> None:
+        console.print(f"[yellow]warning[/yellow]: {change.describe()}", highlight=False, soft_wrap=True)
+
     def plan(self, jobs, actions) -> None:
         todo = sum(1 for a in actions.values() if a != "skip")
         counts = {a: sum(1 for v in actions.values() if v == a) for a in ("train", "signals", "skip")}
@@ -102,6 +105,8 @@ def print_summary(summary, dry_run: bool = False) -> None:
             fmt(benign, "train"), fmt(benign, "test"), fmt(adversarial, "train"), fmt(adversarial, "test"),
         )  # fmt: skip
     out.print(table)
+    for change in getattr(summary, "name_changes", []):
+        out.print(f"note: {change.describe()}", markup=False, highlight=False, soft_wrap=True)
     if summary.failed:
         console.print(f"[red]{len(summary.failed)} model(s) failed[/red]; their errors are in v_models.error")
     sys.stdout.flush()

@@ -30,6 +30,7 @@ from robmia_db.runner.defenses import TrainProgress, build_defense
 from robmia_db.runner.models import build_model, load_checkpoint, save_checkpoint
 from robmia_db.runner.signals import compute_signal_columns
 from robmia_db.spec import LoadedSpec, ModelJob, PerturbationJob, load_specs
+from robmia_db.spec.identity import config_differences
 from robmia_db.store import ingest
 from robmia_db.store.connection import checkpoint_dir, run_lock, writing
 from robmia_db.store.signals import signal_table
@@ -74,9 +75,27 @@ class ModelOutcome:
 
 
 @dataclass
+class NameChange:
+    """A name that now maps to a different model key than a stored model of that name (an edited spec)."""
+
+    model_name: str
+    model_key: str
+    stored_key: str
+    differences: list[str]
+
+    def describe(self) -> str:
+        what = "; ".join(self.differences) or "the same settings (the training code version differs)"
+        return (
+            f"{self.model_name} now names model {self.model_key}; the stored model {self.stored_key} keeps "
+            f"that name too. Differences: {what}"
+        )
+
+
+@dataclass
 class RunSummary:
     db_path: Path
     outcomes: list[ModelOutcome]
+    name_changes: list[NameChange] = field(default_factory=list)
 
     @property
     def failed(self) -> list[ModelOutcome]:
@@ -348,6 +367,7 @@ def execute_job(
     reporter: Reporter,
     provenance: tuple,
     eval_batch_size: int,
+    spec: tuple[str, str] | None = None,
 ) -> ModelOutcome:
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
@@ -398,6 +418,8 @@ def execute_job(
         job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device
     )
     model_record.dataset_checksum = datasets.checksum(dataset)
+    if spec is not None:
+        model_record.spec_path, model_record.spec_text = spec
     with writing(db_path) as con:
         ingest.write_model(
             con,
@@ -409,13 +431,27 @@ def execute_job(
     return ModelOutcome(job, action, time.perf_counter() - started, accuracies=accuracies)
 
 
-def _stored_state(db_path: Path, jobs: list[ModelJob]) -> dict[str, dict[str, Any]]:
+def _stored_state(db_path: Path, jobs: list[ModelJob]) -> tuple[dict[str, dict[str, Any]], list[NameChange]]:
     if not db_path.exists():
-        return {}
+        return {}, []
     from robmia_db.store.connection import reading
 
     with reading(db_path) as con:
-        return ingest.existing_models(con, [job.model_key for job in jobs])
+        existing = ingest.existing_models(con, [job.model_key for job in jobs])
+        clashes = ingest.same_name_models(con, [(job.model_name, job.model_key) for job in jobs])
+    identities = {job.model_key: job.identity for job in jobs}
+    changes = [
+        NameChange(name, new, old, config_differences(config, identities[new]))
+        for name, new, old, config in clashes
+    ]
+    return existing, changes
+
+
+def _announce(reporter: Reporter, changes: list[NameChange]) -> None:
+    announce = getattr(reporter, "name_changed", None)  # optional: reporters written before it still work
+    if announce is not None:
+        for change in changes:
+            announce(change)
 
 
 def run_specs(
@@ -439,6 +475,7 @@ def run_specs(
     preflight(loaded, datasets)
     jobs: list[ModelJob] = []
     seen: dict[str, ModelJob] = {}
+    spec_texts: dict[str, tuple[str, str]] = {}  # the spec (path, text) that asked for each model first
     for item in loaded:
         for job in item.jobs:
             if job.model_key in seen:
@@ -449,6 +486,7 @@ def run_specs(
                 continue
             seen[job.model_key] = job
             jobs.append(job)
+            spec_texts[job.model_key] = (str(item.path), item.text)
     thread_count = threads or next(
         (item.spec.runtime.threads for item in loaded if item.spec.runtime.threads), None
     )
@@ -456,16 +494,18 @@ def run_specs(
     torch_device = resolve_device(device or loaded[0].spec.runtime.device)
 
     if dry_run:
-        existing = _stored_state(db_path, jobs)
+        existing, changes = _stored_state(db_path, jobs)
         actions = plan_actions(jobs, existing)
+        _announce(reporter, changes)
         reporter.plan(jobs, actions)
-        return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs])
+        return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs], changes)
 
     outcomes: list[ModelOutcome] = []
     with run_lock(db_path):
         # planned under the lock: a run that finished meanwhile is seen, and a refused run prints no plan
-        existing = _stored_state(db_path, jobs)
+        existing, changes = _stored_state(db_path, jobs)
         actions = plan_actions(jobs, existing)
+        _announce(reporter, changes)
         reporter.plan(jobs, actions)
         with writing(db_path) as con:
             for item in loaded:
@@ -496,6 +536,7 @@ def run_specs(
                     outcome = execute_job(
                         job, action, existing.get(job.model_key, {}).get("signal_keys", set()), db_path, datasets,
                         torch_device, reporter, provenance, int(job.runtime.get("eval_batch_size") or 512),
+                        spec_texts[job.model_key],
                     )  # fmt: skip
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -503,6 +544,7 @@ def run_specs(
                     message = f"{type(exc).__name__}: {exc}".splitlines()[0]
                     outcome = ModelOutcome(job, "failed", error=message)
                     record = _model_record(job, None, None, None, provenance, None, None, [], torch_device)
+                    record.spec_path, record.spec_text = spec_texts[job.model_key]
                     record.error = "".join(traceback.format_exception(exc))[-4000:]
                     try:
                         with writing(db_path) as con:
@@ -511,4 +553,4 @@ def run_specs(
                         pass
             reporter.model_finished(outcome)
             outcomes.append(outcome)
-    return RunSummary(db_path, outcomes)
+    return RunSummary(db_path, outcomes, changes)

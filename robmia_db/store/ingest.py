@@ -53,6 +53,8 @@ class ModelRecord:
     finished_at: datetime | None = None
     train_seconds: float | None = None
     train_history: list[dict[str, Any]] = field(default_factory=list)
+    spec_path: str | None = None
+    spec_text: str | None = None
 
     def row(self) -> list[Any]:
         return [
@@ -61,7 +63,7 @@ class ModelRecord:
             self.n_members, self.n_nonmembers, self.n_classes, self.input_shape, json.dumps(self.config),
             self.status, self.error, self.checkpoint, self.dataset_checksum, self.git_commit, self.git_dirty,
             json.dumps(self.package_versions), self.host, self.device, self.started_at, self.finished_at,
-            self.train_seconds, json.dumps(self.train_history),
+            self.train_seconds, json.dumps(self.train_history), self.spec_path, self.spec_text,
         ]  # fmt: skip
 
 
@@ -79,7 +81,16 @@ class PerturbationRecord:
     seconds: float | None = None
 
 
-MODEL_COLUMNS = 30
+MODEL_COLUMNS = (
+    "model_key", "model_name", "experiment", "origin", "dataset", "arch", "width", "defense", "eps", "seed",
+    "model_index", "membership_scheme", "n_members", "n_nonmembers", "n_classes", "input_shape", "config",
+    "status", "error", "checkpoint", "dataset_checksum", "git_commit", "git_dirty", "package_versions", "host",
+    "device", "started_at", "finished_at", "train_seconds", "train_history", "spec_path", "spec_text",
+)  # fmt: skip
+# named columns: a column added by a later migration never shifts the values of a positional INSERT
+INSERT_MODEL = (
+    f"INSERT INTO models ({', '.join(MODEL_COLUMNS)}) VALUES ({', '.join(['?'] * len(MODEL_COLUMNS))})"
+)
 
 
 def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -103,6 +114,38 @@ def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> di
         key: {"status": status, "checkpoint": checkpoint, "signal_keys": set(signal_keys or [])}
         for key, status, checkpoint, signal_keys in rows
     }
+
+
+def same_name_models(
+    con: duckdb.DuckDBPyConnection, wanted: list[tuple[str, str]]
+) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """Stored models that carry one of the given names under another key.
+
+    `wanted` holds (model_name, model_key) pairs; returns (model_name, new key, stored key, stored config)
+    for each stored model whose name is wanted with a different key: an edited spec rerun under its old
+    name trains a second model with that name, and the caller says so.
+    """
+    if not wanted:
+        return []
+    table = pa.table(
+        {
+            "model_name": pa.array([name for name, _ in wanted], pa.string()),
+            "model_key": pa.array([key for _, key in wanted], pa.string()),
+        }
+    )
+    con.register("wanted_names", table)
+    try:
+        rows = con.execute(
+            """
+            SELECT w.model_name, w.model_key, m.model_key, m.config
+            FROM wanted_names w JOIN models m ON m.model_name = w.model_name AND m.model_key != w.model_key
+            WHERE m.model_key NOT IN (SELECT model_key FROM wanted_names)
+            ORDER BY w.model_name, m.finished_at NULLS FIRST, m.model_key
+            """
+        ).fetchall()
+    finally:
+        con.unregister("wanted_names")
+    return [(name, new, old, json.loads(config) if config else {}) for name, new, old, config in rows]
 
 
 def upsert_experiment(
@@ -238,7 +281,7 @@ def write_model(
         if membership is not None:
             con.execute("DELETE FROM membership WHERE model_key = ?", [model.model_key])
             con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
-            con.execute(f"INSERT INTO models VALUES ({', '.join(['?'] * MODEL_COLUMNS)})", model.row())
+            con.execute(INSERT_MODEL, model.row())
             con.register("incoming_membership", membership)
             try:
                 con.execute(
@@ -261,4 +304,4 @@ def write_failed_model(con: duckdb.DuckDBPyConnection, model: ModelRecord) -> No
             return  # a completed model that only failed to add a perturbation keeps its status
         con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
         model.status = "failed"
-        con.execute(f"INSERT INTO models VALUES ({', '.join(['?'] * MODEL_COLUMNS)})", model.row())
+        con.execute(INSERT_MODEL, model.row())

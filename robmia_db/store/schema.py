@@ -151,6 +151,13 @@ MIGRATIONS: list[str] = [
     # 3: no table change; bumping the version makes older stores refresh their views (v_attacks,
     # v_models.package_versions) on the next open
     "SELECT 1;",
+    # 4: each model keeps the spec text that trained it (an edited spec rerun under the same experiment
+    # name no longer rewrites the provenance of models trained before the edit); older rows stay NULL
+    # rather than guess which version of the experiment's text trained them
+    """
+    ALTER TABLE models ADD COLUMN spec_path VARCHAR;
+    ALTER TABLE models ADD COLUMN spec_text VARCHAR;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -178,7 +185,7 @@ SELECT m.model_key, m.model_name, m.experiment, m.dataset, m.arch, m.width, m.de
        v.member_acc AS verified_train_acc, v.nonmember_acc AS verified_test_acc, v.eps AS verified_eps,
        (SELECT count(*) FROM perturbations q WHERE q.model_key = m.model_key) AS n_perturbations,
        m.train_seconds, m.started_at, m.finished_at, m.device, m.git_commit, m.git_dirty, m.host,
-       m.checkpoint, m.dataset_checksum, m.config, m.package_versions
+       m.checkpoint, m.dataset_checksum, m.config, m.package_versions, m.spec_path, m.spec_text
 FROM models m
 LEFT JOIN primary_perturbations b ON b.model_key = m.model_key AND b.kind = 'benign'
 LEFT JOIN primary_perturbations a ON a.model_key = m.model_key AND a.kind = 'adversarial'
