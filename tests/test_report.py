@@ -25,7 +25,7 @@ from sklearn.metrics import roc_curve
 from robmia_db.cli import main
 from robmia_db.errors import StoreError
 from robmia_db.report import build_report
-from robmia_db.report.build import HISTOGRAM_BINS, MAX_MODEL_CHARTS, ROC_CURVES_PER_MODEL
+from robmia_db.report.queries import HISTOGRAM_BINS, MAX_MODEL_CHARTS, ROC_CURVES_PER_MODEL
 
 XSS_DESCRIPTION = "<script>document.body.setAttribute('data-pwned','1')</script> & friends"
 XSS_MODEL_NAME = "<img src=x onerror=alert(1)></script><script>alert(2)</script>"
@@ -563,7 +563,7 @@ def _synthetic_module():
 
 
 def test_large_store_stays_small_and_caps_charts(tmp_path, monkeypatch):
-    from robmia_db.report import build as report_build
+    from robmia_db.report import queries as report_queries
 
     bench = _synthetic_module()
     db = tmp_path / "synthetic.duckdb"
@@ -585,7 +585,7 @@ def test_large_store_stays_small_and_caps_charts(tmp_path, monkeypatch):
     assert len(rows) == 20 and all(r.find_all("td", data_col="n_seeds")[0].text == "2" for r in rows)
     assert len([s for s in specs.values() if s.get("title", "").endswith("· width")]) == 4
 
-    monkeypatch.setattr(report_build, "MAX_MODEL_CHARTS", 6)
+    monkeypatch.setattr(report_queries, "MAX_MODEL_CHARTS", 6)
     root = parse(build_report(db, output=tmp_path / "t.html").read_text(encoding="utf-8"))
     assert len([s for s in chart_specs(root).values() if "roc_points" in s.get("datasets", {})]) == 6
     assert "Showing the first 6 of 20 configurations" in section(root, "roc").text

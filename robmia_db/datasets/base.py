@@ -71,7 +71,13 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {}
-_BUILTIN_MODULES = ("robmia_db.datasets.digits", "robmia_db.datasets.files")
+_BUILTIN_MODULES = (
+    "robmia_db.datasets.digits",
+    "robmia_db.datasets.idx",
+    "robmia_db.datasets.npz",
+    "robmia_db.datasets.cifar10",
+    "robmia_db.datasets.yale",
+)
 _loaded_builtins = False
 
 

@@ -21,13 +21,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import torch
 
 from robmia_db.datasets import LoadedDataset, load_dataset
 from robmia_db.errors import RobmiaError, SpecError, SpecErrors
 from robmia_db.runner.data import MembershipSplit, examples_table, split_membership
 from robmia_db.runner.defenses import TrainProgress, build_defense
-from robmia_db.runner.models import build_model, load_checkpoint, save_checkpoint
+from robmia_db.runner.models import (
+    build_model,
+    checkpoint_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    write_atomically,
+)
 from robmia_db.runner.signals import compute_signal_columns
 from robmia_db.spec import LoadedSpec, ModelJob, PerturbationJob, load_specs
 from robmia_db.spec.identity import config_differences
@@ -357,43 +364,73 @@ def _model_record(job, dataset, split, checkpoint, provenance, started_at, train
     )  # fmt: skip
 
 
-def execute_job(
+@dataclass
+class ModelResult:
+    """Everything one model produced, ready for the driver's single write transaction.
+
+    A worker (this process, or a Ray task on another machine) builds it; only the driver writes the store.
+    `checkpoint_bytes` is set when the worker hands the checkpoint over instead of writing
+    `checkpoint_path` itself (a worker without the driver's filesystem).
+    """
+
+    job: ModelJob
+    action: str
+    record: ingest.ModelRecord
+    membership: pa.Table | None
+    examples: pa.Table | None
+    perturbations: list[ingest.PerturbationRecord]
+    accuracies: dict[str, float | None]
+    checkpoint_path: Path
+    checkpoint_bytes: bytes | None = None
+    seconds: float = 0.0
+
+
+def compute_model(
     job: ModelJob,
     action: str,
     existing_signal_keys: set[str],
-    db_path: Path,
-    datasets: DatasetCache,
+    dataset: LoadedDataset,
+    checkpoints: Path,
     device: torch.device,
     reporter: Reporter,
     provenance: tuple,
     eval_batch_size: int,
-    spec: tuple[str, str] | None = None,
-) -> ModelOutcome:
+    *,
+    dataset_checksum: str | None = None,
+    prior_checkpoint: bytes | None = None,
+    checkpoint_as_bytes: bool = False,
+) -> ModelResult:
+    """Train one model (or load its checkpoint) and compute its signals; writes nothing to the store.
+
+    `prior_checkpoint` is a finished checkpoint the driver already holds (models that only need new
+    perturbations, or a checkpoint stored before a kill); without it the checkpoint folder is looked at.
+    With `checkpoint_as_bytes` the new checkpoint is returned, not written, and the partial checkpoint is
+    left for the driver to remove once the final one is safely on its disk.
+    """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
-    dataset = datasets.get(job)
     split = split_membership(dataset, job.identity)
-    checkpoints = checkpoint_dir(db_path)
     checkpoint = checkpoints / f"{job.model_key}.pt"
     train_seconds = None
     history: list[dict[str, Any]] = []
-    if action == "train" and not checkpoint.exists():
+    content = None
+    if action == "train" and prior_checkpoint is None and not checkpoint.exists():
         partial = checkpoints / f"{job.model_key}.partial.pt"
         t0 = time.perf_counter()
         model, history = train_model(job, dataset, split, device, reporter, partial)
         train_seconds = time.perf_counter() - t0
-        save_checkpoint(
-            checkpoint,
-            model,
-            {
-                "arch": job.arch, "input_shape": list(dataset.input_shape), "n_classes": dataset.n_classes,
-                "width": job.width, "options": job.identity["model"]["options"], "model_key": job.model_key,
-            },
-        )  # fmt: skip
-        partial.unlink(missing_ok=True)
+        meta = {
+            "arch": job.arch, "input_shape": list(dataset.input_shape), "n_classes": dataset.n_classes,
+            "width": job.width, "options": job.identity["model"]["options"], "model_key": job.model_key,
+        }  # fmt: skip
+        if checkpoint_as_bytes:
+            content = checkpoint_bytes(model, meta)
+        else:
+            save_checkpoint(checkpoint, model, meta)
+            partial.unlink(missing_ok=True)
     else:
         # a finished checkpoint without its store rows (killed between the two) is reused, not retrained
-        model, _ = load_checkpoint(checkpoint, device)
+        model, _ = load_checkpoint(prior_checkpoint if prior_checkpoint is not None else checkpoint, device)
     wanted = [p for p in job.perturbations if action == "train" or p.signal_key not in existing_signal_keys]
     ids = split.evaluated_ids
     is_member = split.is_member
@@ -417,18 +454,56 @@ def execute_job(
     model_record = _model_record(
         job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device
     )
-    model_record.dataset_checksum = datasets.checksum(dataset)
-    if spec is not None:
-        model_record.spec_path, model_record.spec_text = spec
+    model_record.dataset_checksum = dataset_checksum
+    return ModelResult(
+        job=job,
+        action=action,
+        record=model_record,
+        membership=split.table() if action == "train" else None,
+        examples=examples_table(dataset, ids) if action == "train" else None,
+        perturbations=records,
+        accuracies=accuracies,
+        checkpoint_path=checkpoint,
+        checkpoint_bytes=content,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def store_result(db_path: Path, result: ModelResult) -> ModelOutcome:
+    """The driver's part: the checkpoint onto its disk first, then the model's rows in one transaction.
+
+    In that order a kill between the two leaves a checkpoint without rows, which the rerun reuses.
+    """
+    started = time.perf_counter()
+    if result.checkpoint_bytes is not None:
+        write_atomically(result.checkpoint_path, result.checkpoint_bytes)
+        result.checkpoint_path.with_name(f"{result.job.model_key}.partial.pt").unlink(missing_ok=True)
     with writing(db_path) as con:
-        ingest.write_model(
-            con,
-            model_record,
-            split.table() if action == "train" else None,
-            examples_table(dataset, ids) if action == "train" else None,
-            records,
-        )
-    return ModelOutcome(job, action, time.perf_counter() - started, accuracies=accuracies)
+        ingest.write_model(con, result.record, result.membership, result.examples, result.perturbations)
+    seconds = result.seconds + time.perf_counter() - started
+    return ModelOutcome(result.job, result.action, seconds, accuracies=result.accuracies)
+
+
+def store_failure(
+    db_path: Path,
+    job: ModelJob,
+    exc: BaseException,
+    provenance: tuple,
+    device: torch.device | str,
+    spec: tuple[str, str] | None = None,
+) -> ModelOutcome:
+    """Record a model that failed for its own reasons, with its traceback (and the spec that asked for it)."""
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    record = _model_record(job, None, None, None, provenance, None, None, [], device)
+    if spec is not None:
+        record.spec_path, record.spec_text = spec
+    record.error = "".join(traceback.format_exception(exc))[-4000:]
+    try:
+        with writing(db_path) as con:
+            ingest.write_failed_model(con, record)
+    except RobmiaError:
+        pass
+    return ModelOutcome(job, "failed", error=message)
 
 
 def _stored_state(db_path: Path, jobs: list[ModelJob]) -> tuple[dict[str, dict[str, Any]], list[NameChange]]:
@@ -533,24 +608,20 @@ def run_specs(
                 outcome = ModelOutcome(job, "skip")
             else:
                 try:
-                    outcome = execute_job(
-                        job, action, existing.get(job.model_key, {}).get("signal_keys", set()), db_path, datasets,
-                        torch_device, reporter, provenance, int(job.runtime.get("eval_batch_size") or 512),
-                        spec_texts[job.model_key],
+                    dataset = datasets.get(job)
+                    result = compute_model(
+                        job, action, existing.get(job.model_key, {}).get("signal_keys", set()), dataset,
+                        checkpoint_dir(db_path), torch_device, reporter, provenance,
+                        int(job.runtime.get("eval_batch_size") or 512), dataset_checksum=datasets.checksum(dataset),
                     )  # fmt: skip
+                    result.record.spec_path, result.record.spec_text = spec_texts[job.model_key]
+                    outcome = store_result(db_path, result)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one model's failure must not stop the others
-                    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                    outcome = ModelOutcome(job, "failed", error=message)
-                    record = _model_record(job, None, None, None, provenance, None, None, [], torch_device)
-                    record.spec_path, record.spec_text = spec_texts[job.model_key]
-                    record.error = "".join(traceback.format_exception(exc))[-4000:]
-                    try:
-                        with writing(db_path) as con:
-                            ingest.write_failed_model(con, record)
-                    except RobmiaError:
-                        pass
+                    outcome = store_failure(
+                        db_path, job, exc, provenance, torch_device, spec_texts[job.model_key]
+                    )
             reporter.model_finished(outcome)
             outcomes.append(outcome)
     return RunSummary(db_path, outcomes, changes)
