@@ -472,7 +472,7 @@ def test_reference_attacks_skipped_without_references(untied_store: SyntheticSto
     assert (
         query(
             db,
-            "SELECT count(*) AS n FROM v_metrics WHERE attack IN ('class_thresholds', 'shokri_classifier')",
+            "SELECT count(*) AS n FROM v_metrics WHERE attack IN ('class_thresholds', 'attack_model')",
         )[0]["n"]
         == 0
     )
@@ -519,7 +519,7 @@ class Population:
     keys: dict[str, str]  # model name -> key
     outcomes: dict[str, AttackOutcome]
     perturbations: tuple[str, ...]
-    shokri_target: str  # shokri_classifier is scored on this model only: its fit costs seconds
+    shokri_target: str  # attack_model is scored on this model only: its fit costs seconds
 
 
 @pytest.fixture(scope="module")
@@ -555,7 +555,7 @@ def _score_population(
 
     outcomes = score_attacks(db, attacks)
     with threadpool_limits(1):
-        outcomes += score_attacks(db, ["shokri_classifier"], params=SHOKRI_PARAMS, models=[shokri_target])
+        outcomes += score_attacks(db, ["attack_model"], params=SHOKRI_PARAMS, models=[shokri_target])
     keys = {r["model_name"]: r["model_key"] for r in query(db, "SELECT model_name, model_key FROM v_models")}
     return Population(db, keys, {o.attack.name: o for o in outcomes}, perturbations, shokri_target)
 
@@ -569,7 +569,7 @@ def test_population_runs_reference_attacks(any_population: Population):
     population = any_population
     n_units = 3 * len(population.perturbations)
     for name, outcome in population.outcomes.items():
-        expected = len(population.perturbations) if name == "shokri_classifier" else n_units
+        expected = len(population.perturbations) if name == "attack_model" else n_units
         assert outcome.scored == expected and outcome.skipped == [], name
     rows = query(
         population.db, "SELECT attack, model_name, n_reference_models, n_members, n_nonmembers FROM v_metrics"
@@ -579,8 +579,8 @@ def test_population_runs_reference_attacks(any_population: Population):
     assert all(r["n_members"] == half["n_members"] == r["n_nonmembers"] == half["n_nonmembers"] for r in rows)
     # calibration needs the attack's scores on the reference models too: the one-target shokri run has none
     assert {(r["attack"], r["n_reference_models"]) for r in rows} == {
-        *((name, 2) for name in population.outcomes if name != "shokri_classifier"),
-        ("shokri_classifier", None),
+        *((name, 2) for name in population.outcomes if name != "attack_model"),
+        ("attack_model", None),
     }
     assert query(population.db, "SELECT count(*) AS n FROM v_attack_skips")[0]["n"] == 0
 
@@ -614,7 +614,7 @@ def test_calibrated_accuracy_from_reference_thresholds(any_population: Populatio
     rows = query(
         any_population.db,
         "SELECT attack, model_key, perturbation, balanced_accuracy, calibrated_accuracy, calibrated_threshold "
-        "FROM v_metrics WHERE attack != 'shokri_classifier'",
+        "FROM v_metrics WHERE attack != 'attack_model'",
     )
     assert len(rows) == (len(any_population.outcomes) - 1) * 3 * len(any_population.perturbations)
     for row in rows:
@@ -634,18 +634,18 @@ def test_calibrated_accuracy_from_reference_thresholds(any_population: Populatio
         assert row["calibrated_accuracy"] == pytest.approx(calibrated, abs=1e-12, rel=0), row
 
 
-def test_shokri_classifier_scores_and_metrics(any_population: Population):
+def test_attack_model_scores_and_metrics(any_population: Population):
     key = any_population.keys[any_population.shokri_target]
     stored = all_scores(any_population.db)
     for perturbation in any_population.perturbations:
-        _, scores, members = stored[("shokri_classifier", key, perturbation)]
+        _, scores, members = stored[("attack_model", key, perturbation)]
         assert (
             len(scores) == len(members)
             and np.all((scores >= 0) & (scores <= 1))
             and np.unique(scores).size > 20
         )
         expected = reference_metrics(scores, members)
-        row = metrics_row(any_population.db, "shokri_classifier", key, perturbation)
+        row = metrics_row(any_population.db, "attack_model", key, perturbation)
         for column in INTEGER_METRICS:
             assert row[column] == expected[column], column
         assert row["auc"] == pytest.approx(roc_auc_score(members, scores), abs=1e-12, rel=0)
@@ -779,7 +779,7 @@ for name, args in json.loads(sys.argv[1]).items():
     except SystemExit as exc:
         code = exc.code
     seen[name] = {"code": code, "torch": "torch" in sys.modules}
-# what shokri_classifier imports when it runs (its fit takes seconds, so it is not run here)
+# what attack_model imports when it runs (its fit takes seconds, so it is not run here)
 import sklearn.ensemble  # noqa: E402
 seen["sklearn_for_shokri"] = {"code": 0, "torch": "torch" in sys.modules}
 print("RESULT " + json.dumps(seen))

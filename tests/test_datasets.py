@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from robmia_db.datasets import cifar10, idx, yale
-from robmia_db.datasets.base import load_dataset
+from robmia_db.datasets.base import count_dataset, load_dataset
 from robmia_db.datasets.describe import describe_dataset
 from robmia_db.errors import DatasetError
 
@@ -725,3 +725,98 @@ def test_pickle_helper_accepts_protocol_5_arrays():
     batch = cifar10._unpickle_batch(blob, "mem")
     np.testing.assert_array_equal(batch[b"data"], array)
     assert io.BytesIO(blob).read(2) == b"\x80\x05"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counting without loading (what `check` uses) and $ROBMIA_DATA folder names
+
+
+def _write_every_format(root: Path) -> dict[str, tuple[Path, dict]]:
+    """One small instance of every file format, each with the options needed to read it."""
+    make_idx_folder(root / "idx", n_train=9, n_test=5)
+    make_cifar_batches(root / "batches" / "cifar-10-batches-py", per_batch=2, n_test=3)
+    make_image_tree(root / "tree", "png", n_train=(2, 3), n_test=1)
+    with tarfile.open(root / "tree.tar.gz", "w:gz") as archive:
+        archive.add(root / "tree", arcname="cifar")
+    make_cropped_yale(root / "yale")
+    with tarfile.open(root / "yale.tar.xz", "w:xz") as archive:
+        archive.add(root / "yale" / "CroppedYale", arcname="CroppedYale")
+    rng = _rng(11)
+    np.savez(
+        root / "split.npz", x=rng.integers(0, 256, (7, 4, 4), dtype=np.uint8), y=np.arange(7) % 3,
+        split=np.array([0, 1, 1, 0, 0, 1, 0]),
+    )  # fmt: skip
+    np.savez(
+        root / "keras.npz",
+        x_train=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), y_train=np.arange(6) % 10,
+        x_test=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), y_test=np.arange(2),
+    )  # fmt: skip
+    return {
+        "mnist": (root / "idx", {}),
+        "cifar10-batches": (root / "batches", {}),
+        "cifar10-tree": (root / "tree", {}),
+        "cifar10-tree-tar": (root / "tree.tar.gz", {}),
+        "cifar10-npz": (root / "keras.npz", {}),
+        "yale": (root / "yale", {"train_per_class": 5}),
+        "yale-tar": (root / "yale.tar.xz", {"train_per_class": 4}),
+        "npz": (root / "split.npz", {}),
+    }
+
+
+def test_counts_equal_the_split_counts_of_loading_for_every_format(tmp_path):
+    for label, (path, options) in _write_every_format(tmp_path).items():
+        name = label.split("-")[0]
+        counted = count_dataset(name, path, **options)
+        loaded = load_dataset(name, path, **options).split_counts()
+        assert counted == loaded, label
+        assert sum(counted.values()) > 0
+    assert count_dataset("digits") == {"train": 1797}
+    # counting refuses what loading refuses, with the same message
+    for name, path, options in [
+        ("yale", tmp_path / "yale", {"train_per_class": 6}),
+        ("cifar10", tmp_path / "tree", {"layout": "npz"}),
+        ("npz", tmp_path / "split.npz", {"layout": "nhcw"}),
+        ("mnist", tmp_path / "idx", {"bogus": 1}),
+    ]:
+        with pytest.raises(DatasetError) as from_load:
+            load_dataset(name, path, **options)
+        with pytest.raises(DatasetError) as from_count:
+            count_dataset(name, path, **options)
+        assert str(from_count.value) == str(from_load.value)
+
+
+def test_idx_counts_read_only_the_headers(tmp_path):
+    arrays, paths = make_idx_folder(tmp_path, n_train=9, n_test=5, gz_mask=(True, False, False, True))
+    # cut the pixels off: a count needs the header alone (loading would refuse the truncated file)
+    plain = paths["t10k-images-idx3-ubyte"]
+    assert not plain.name.endswith(".gz")
+    plain.write_bytes(plain.read_bytes()[:16])
+    assert count_dataset("mnist", tmp_path) == {"train": 9, "test": 5}
+    with pytest.raises(DatasetError, match="truncated"):
+        load_dataset("mnist", tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", arrays["t10k-labels-idx1-ubyte"][:3], gz=True)
+    with pytest.raises(
+        DatasetError, match=r"t10k-labels-idx1-ubyte.gz: 3 labels but t10k-images-idx3-ubyte has 5"
+    ):
+        count_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [("yale", "extended-yale-b-cropped"), ("fashion_mnist", "fashion-mnist"), ("cifar10", "cifar-10")],
+)
+def test_robmia_data_finds_the_usual_folder_names(tmp_path, monkeypatch, name, folder):
+    # the folder names the data is distributed under (../shared/data uses the first two)
+    options = {}
+    if name == "yale":
+        make_cropped_yale(tmp_path / folder)
+        options = {"train_per_class": 5}
+    elif name == "fashion_mnist":
+        make_idx_folder(tmp_path / folder, n_train=9, n_test=5)
+        monkeypatch.setitem(idx.DEFAULT_IDX_DIRS, "fashion_mnist", (tmp_path / "nowhere",))
+    else:
+        make_cifar_batches(tmp_path / folder, per_batch=2, n_test=3)
+    monkeypatch.setenv("ROBMIA_DATA", str(tmp_path))
+    ds = load_dataset(name, **options)
+    assert str(tmp_path / folder) in ds.source
+    assert count_dataset(name, **options) == ds.split_counts()

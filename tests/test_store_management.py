@@ -71,10 +71,10 @@ def sql(db: Path, query: str, params=None) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def scored_master(trained_store: TrainedStore, tmp_path_factory: pytest.TempPathFactory) -> TrainedStore:
-    """The session store with `loss` and `confidence` scored on it (and `shokri_classifier` skipped: no
+    """The session store with `loss` and `confidence` scored on it (and `attack_model` skipped: no
     reference models), so that every view has rows; scored once, copied by each test."""
     db = trained_store.copy_to(tmp_path_factory.mktemp("scored"))
-    attacks = ("--attack", "loss", "--attack", "confidence", "--attack", "shokri_classifier")
+    attacks = ("--attack", "loss", "--attack", "confidence", "--attack", "attack_model")
     result = robmia("score", "--db", str(db), *attacks)
     assert result.returncode == 0, result.stderr
     return TrainedStore(db, trained_store.spec_path, trained_store.spec, trained_store.actions)

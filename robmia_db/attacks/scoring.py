@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from robmia_db.attacks.definition import KIND_NEEDS, AttackDefinition
+from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
 from robmia_db.attacks.metrics import calibrated_balanced_accuracy, compute_metrics, reference_metrics
 from robmia_db.attacks.registry import load_registry
 from robmia_db.errors import AttackDefinitionError, RobmiaError
@@ -411,6 +412,7 @@ def _write_results(
     model_keys_by_name: dict[str, str],
     seconds: float,
     considered: set[str],
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> None:
     attack_key = attack.attack_key
     now = datetime.now(timezone.utc)
@@ -468,6 +470,8 @@ def _write_results(
                    FROM _new_metrics m JOIN _done d USING (model_key, perturbation)""",
                 [attack_key, per_unit, now],
             )
+            # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
+            write_intervals(con, attack.name, attack_key, resamples)
         for model_name, perturbation, reason in skipped:
             con.execute(
                 "INSERT INTO attack_skips VALUES (?, ?, ?, ?, ?)",
@@ -546,11 +550,13 @@ def score_attacks(
     force: bool = False,
     models: list[str] | None = None,
     reporter: ScoreReporter | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> list[AttackOutcome]:
     """Score attacks (names or file paths; default: every registered attack) on every stored model.
 
     Only (attack, model, perturbation) triples whose attack source or input signals changed are computed,
-    unless `force`. Attacks needing reference models are skipped, with the reason recorded, where none exist.
+    unless `force`. `resamples` bootstrap replicates give each metric's interval (0: none).
+    Attacks needing reference models are skipped, with the reason recorded, where none exist.
     """
     db_path = Path(db_path)
     reporter = reporter or SilentScoreReporter()
@@ -625,6 +631,7 @@ def score_attacks(
                 names,
                 time.perf_counter() - started,
                 set(model_filter) if model_filter is not None else set(state.models),
+                resamples=resamples,
             )
         outcome.scored = len(todo)
         outcome.seconds = time.perf_counter() - started

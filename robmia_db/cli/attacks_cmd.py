@@ -53,9 +53,16 @@ def attacks_command(attack_paths: tuple[str, ...], verbose: bool) -> None:
 @click.option("--model", "model_names", multiple=True, help="Only these models (name or key; repeatable).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Override an attack parameter.")
 @click.option("--force", is_flag=True, help="Recompute even where cached scores are current.")
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Stratified bootstrap replicates for the metrics' 95% intervals (0: no intervals).",
+)
 @db_option
 @handle_errors
-def score_command(attack_names, attack_paths, spec_paths, model_names, params, force) -> None:
+def score_command(attack_names, attack_paths, spec_paths, model_names, params, force, resamples) -> None:
     """Score attacks on every stored model, once per perturbation; only missing or stale pairs run.
 
     Example: robmia-db score --attack confidence --attack my_attacks/gap.sql
@@ -97,7 +104,7 @@ def score_command(attack_names, attack_paths, spec_paths, model_names, params, f
                 attack_names += [n for n in item.spec.attacks.names if n not in attack_names]
     outcomes = score_attacks(
         get_state().db_path, attack_names or None, attack_paths, overrides, force,
-        list(model_names) or None, Echo(),
+        list(model_names) or None, Echo(), resamples=resamples,
     )  # fmt: skip
     click.echo(
         f"{sum(o.scored for o in outcomes)} (attack, model, perturbation) scored; "

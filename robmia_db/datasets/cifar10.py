@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from robmia_db.datasets.base import DatasetInfo, LoadedDataset, register_dataset
-from robmia_db.datasets.npz import read_npz
+from robmia_db.datasets.npz import count_npz_arrays, read_npz
 from robmia_db.datasets.reading import (
     check_options,
     is_tar_name,
+    list_tree,
     natural_key,
     one_line,
     peek_tar_names,
@@ -362,17 +363,8 @@ def _tar_kind(path: Path) -> str:
 _CIFAR_LAYOUTS = ("auto", "batches", "images", "npz")
 
 
-def load_cifar10(root: Path | None = None, layout: str = "auto", **options: Any) -> LoadedDataset:
-    """CIFAR-10 from the python batches, an image-folder tree, or an npz (subset) file.
-
-    Args:
-        root: a folder (holding `cifar-10-batches-py/`, the batches themselves, a `train/`+`test/` image tree,
-            tar archives of either, or an .npz), or one such archive or .npz file.
-        layout: "auto" takes the first found of batches, image tree (folder, then tar) and npz; or force one.
-        **options: none other are accepted.
-
-    The source and notes say when the images came from a lossy JPEG copy or cover only a subset.
-    """
+def _cifar_source(root: Path | None, layout: str, options: dict[str, Any]) -> tuple[str, Path, Path | None]:
+    """Which CIFAR-10 form to read: ("batches" | "images" | "npz", its path, an npz lying beside a tree)."""
     check_options("cifar10", options, ())
     if layout not in _CIFAR_LAYOUTS:
         raise DatasetError(
@@ -387,36 +379,71 @@ def load_cifar10(root: Path | None = None, layout: str = "auto", **options: Any)
 
     if root.is_file():
         if root.suffix == ".npz" and wants("npz"):
-            return _cifar_from_npz(root)
+            return "npz", root, None
         if is_tar_name(root):
             kind = _tar_kind(root)
-            if kind == "batches" and wants("batches"):
-                return _load_batches_from(root)
-            if kind == "images" and wants("images"):
-                return _cifar_from_image_tree(root, None)
+            if kind in ("batches", "images") and wants(kind):
+                return kind, root, None
         forced = "" if layout == "auto" else f" (layout {layout!r})"
         raise DatasetError(f"{root}: not a CIFAR-10 file{forced}; expected {_CIFAR_EXPECTED}")
     npzs = sorted(root.glob("*.npz"))
     npz_beside = npzs[0] if len(npzs) == 1 else None
     batch_dir = _cifar_batch_dir(root)
     if batch_dir is not None and wants("batches"):
-        return _load_batches_from(batch_dir)
+        return "batches", batch_dir, None
     tree_dir = _image_tree_dir(root)
     if tree_dir is not None and wants("images"):
-        return _cifar_from_image_tree(tree_dir, npz_beside)
+        return "images", tree_dir, npz_beside
     for tar in tars_in(root):
         kind = _tar_kind(tar)
-        if kind == "batches" and wants("batches"):
-            return _load_batches_from(tar)
-        if kind == "images" and wants("images"):
-            return _cifar_from_image_tree(tar, npz_beside)
+        if kind in ("batches", "images") and wants(kind):
+            return kind, tar, npz_beside if kind == "images" else None
     if npzs and wants("npz"):
         if len(npzs) > 1:
             raise DatasetError(f"{root}: {len(npzs)} .npz files; keep one CIFAR-10 npz in the folder")
-        return _cifar_from_npz(npzs[0])
+        return "npz", npzs[0], None
     raise DatasetError(
         f"{root}: no CIFAR-10 files{'' if layout == 'auto' else f' of layout {layout!r}'}; expected {_CIFAR_EXPECTED}"
     )
+
+
+def load_cifar10(root: Path | None = None, layout: str = "auto", **options: Any) -> LoadedDataset:
+    """CIFAR-10 from the python batches, an image-folder tree, or an npz (subset) file.
+
+    Args:
+        root: a folder (holding `cifar-10-batches-py/`, the batches themselves, a `train/`+`test/` image tree,
+            tar archives of either, or an .npz), or one such archive or .npz file.
+        layout: "auto" takes the first found of batches, image tree (folder, then tar) and npz; or force one.
+        **options: none other are accepted.
+
+    The source and notes say when the images came from a lossy JPEG copy or cover only a subset.
+    """
+    kind, path, npz_beside = _cifar_source(root, layout, options)
+    if kind == "batches":
+        return _load_batches_from(path)
+    if kind == "images":
+        return _cifar_from_image_tree(path, npz_beside)
+    return _cifar_from_npz(path)
+
+
+def count_cifar10(root: Path | None = None, layout: str = "auto", **options: Any) -> dict[str, int]:
+    """Examples per split as `load_cifar10` gives them: image trees and npz files are counted without
+    decoding an image; the python batches are read (they hold the counts only inside their pickles)."""
+    kind, path, _ = _cifar_source(root, layout, options)
+    if kind == "batches":
+        return _load_batches_from(path).split_counts()
+    if kind == "npz":
+        return count_npz_arrays(path)
+    matches = [m for m in map(_IMAGE_TREE.match, list_tree(path)) if m and _is_image_name(m.group("file"))]
+    prefixes = {m.group("prefix") or "" for m in matches}
+    if len(prefixes) > 1:
+        raise DatasetError(
+            f"{path}: several image trees found ({', '.join(sorted(prefixes))}); point root at one"
+        )
+    counts = {"train": 0, "test": 0}
+    for m in matches:
+        counts[m.group("split")] += 1
+    return counts
 
 
 def _load_batches_from(path: Path) -> LoadedDataset:
@@ -429,6 +456,8 @@ register_dataset(
     DatasetInfo(
         name="cifar10",
         loader=load_cifar10,
+        counter=count_cifar10,
+        folder_names=("cifar-10", "CIFAR10", "cifar-10-batches-py"),
         needs_root=True,
         description="CIFAR-10, 10 classes, 32x32 RGB, 50,000 train / 10,000 test",
         expected_files=_CIFAR_EXPECTED,

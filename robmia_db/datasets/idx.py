@@ -147,6 +147,35 @@ def _find_idx_folder(name: str, root: Path | None) -> tuple[Path, dict[str, Path
     raise DatasetError(f"{where}: no IDX files found; dataset {name!r} expects {_IDX_EXPECTED}")
 
 
+def idx_length(path: Path) -> int:
+    """The first dimension an IDX file's header declares (gzipped or not), reading only the header."""
+    try:
+        with path.open("rb") as handle:
+            gzipped = handle.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if gzipped else path.open("rb") as handle:
+            head = handle.read(8)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{path}: cannot read IDX header ({one_line(exc)})") from exc
+    if len(head) < 8 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
+        raise DatasetError(f"{path}: not an IDX file (magic 0x{head[:4].hex()})")
+    return int(struct.unpack(">I", head[4:8])[0])
+
+
+def _count_idx(name: str, root: Path | None, options: dict[str, Any]) -> dict[str, int]:
+    check_options(name, options, ())
+    _, paths = _find_idx_folder(name, root)
+    counts = {}
+    for split in ("train", "test"):
+        n_images, n_labels = (idx_length(paths[f"{split}_{part}"]) for part in ("images", "labels"))
+        if n_images != n_labels:
+            raise DatasetError(
+                f"{paths[f'{split}_labels']}: {n_labels} labels but {paths[f'{split}_images'].name} "
+                f"has {n_images} images"
+            )
+        counts[split] = n_images
+    return counts
+
+
 def _load_idx_dataset(
     name: str, classes: list[str], root: Path | None, options: dict[str, Any]
 ) -> LoadedDataset:
@@ -215,6 +244,8 @@ register_dataset(
     DatasetInfo(
         name="fashion_mnist",
         loader=load_fashion_mnist,
+        counter=lambda root, **options: _count_idx("fashion_mnist", root, options),
+        folder_names=("fashion-mnist", "FashionMNIST"),
         needs_root=False,
         description="Fashion-MNIST, 10 classes, 28x28 grayscale, 60,000 train / 10,000 test (IDX files)",
         expected_files=_IDX_EXPECTED + " (also found in /usr/share/datasets/fashion-mnist from Debian's "
@@ -225,6 +256,8 @@ register_dataset(
     DatasetInfo(
         name="mnist",
         loader=load_mnist,
+        counter=lambda root, **options: _count_idx("mnist", root, options),
+        folder_names=("MNIST",),
         needs_root=True,
         description="MNIST, 10 digit classes, 28x28 grayscale, 60,000 train / 10,000 test (IDX files)",
         expected_files=_IDX_EXPECTED,

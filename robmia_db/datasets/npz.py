@@ -160,6 +160,42 @@ def read_npz(path: Path, layout: str) -> NpzArrays:
     return NpzArrays(x_all, y_all, origin.astype(str), classes)
 
 
+def count_npz_arrays(path: Path) -> dict[str, int]:
+    """Examples per origin split of an npz, from its labels and `split` alone (the images are not read)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"{path}: cannot read npz ({one_line(exc)}); expected {_NPZ_EXPECTED}") from exc
+    with archive:
+        keys = set(archive.files)
+        try:
+            if {"x", "y"} <= keys:
+                n = len(archive["y"])
+                if "split" not in keys:
+                    return {"train": n}
+                origin = _parse_split(archive["split"], n, path)
+                values, counts = np.unique(origin, return_counts=True)
+                return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+            if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+                return {"train": len(archive["y_train"]), "test": len(archive["y_test"])}
+        except ValueError as exc:
+            raise DatasetError(
+                f"{path}: {one_line(exc)} (object arrays are not read; store strings as unicode)"
+            ) from exc
+    raise DatasetError(f"{path}: keys {sorted(keys)}; expected {_NPZ_EXPECTED}")
+
+
+def _count_npz(
+    root: Path | None = None, file: str | None = None, layout: str = "auto", **options: Any
+) -> dict[str, int]:
+    check_options("npz", options, ())
+    if layout not in ("auto", "nchw", "nhwc"):
+        raise DatasetError(f"layout must be 'auto', 'nchw' or 'nhwc' (got {layout!r})")
+    if root is None:
+        raise DatasetError(f"dataset 'npz' needs a path: set data.root to {_NPZ_EXPECTED}")
+    return count_npz_arrays(_find_npz(root, "npz", file))
+
+
 def load_npz(
     root: Path | None = None, file: str | None = None, layout: str = "auto", **options: Any
 ) -> LoadedDataset:
@@ -196,6 +232,7 @@ register_dataset(
     DatasetInfo(
         name="npz",
         loader=load_npz,
+        counter=_count_npz,
         needs_root=True,
         description="Any images + labels in an .npz file (x, y, optional split and classes)",
         expected_files=_NPZ_EXPECTED,

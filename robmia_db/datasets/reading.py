@@ -108,6 +108,19 @@ def read_tree(path: Path, wanted: Callable[[str], bool]) -> Members:
     return Members(files, dirs)
 
 
+def list_tree(path: Path) -> list[str]:
+    """Relative names ('/'-separated) of every file in a folder tree or a tar archive, without reading them."""
+    if path.is_dir():
+        return sorted(item.relative_to(path).as_posix() for item in path.rglob("*") if item.is_file())
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            return sorted(m.name.removeprefix("./") for m in archive if m.isfile())
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+        raise DatasetError(
+            f"{path}: cannot read tar archive ({one_line(exc)}); expected a .tar, .tar.gz or .tar.xz file"
+        ) from exc
+
+
 def peek_tar_names(path: Path, limit: int = 64) -> list[str]:
     """The first member names of a tar archive, read without decompressing the rest."""
     names: list[str] = []

@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 
 from robmia_db.datasets.base import DatasetInfo, LoadedDataset, register_dataset
-from robmia_db.datasets.reading import check_options, read_tree, require_dir, scale_uint8_into, tars_in
+from robmia_db.datasets.reading import (
+    check_options,
+    list_tree,
+    read_tree,
+    require_dir,
+    scale_uint8_into,
+    tars_in,
+)
 from robmia_db.errors import DatasetError
 
 _YALE_IMAGE = re.compile(r"(?:^|/)yaleB(?P<subject>\d+)/yaleB(?P=subject)_P00A[+-]\d+E[+-]\d+\.pgm$")
@@ -105,6 +112,45 @@ def yale_split(
     )
 
 
+def count_yale(
+    root: Path | None = None, split_seed: int = 0, train_per_class: int = YALE_TRAIN_PER_CLASS, **options: Any
+) -> dict[str, int]:
+    """Examples per split as `load_yale` gives them, from the file names alone (no image is decoded)."""
+    source = _checked_source(root, split_seed, train_per_class, options)
+    subjects = [int(m.group("subject")) for m in map(_YALE_IMAGE.search, list_tree(source)) if m]
+    if not subjects:
+        raise DatasetError(f"{source}: no yaleBNN/yaleBNN_P00A...pgm images found; expected {_YALE_EXPECTED}")
+    subject_ids, counts = np.unique(np.array(subjects), return_counts=True)
+    _check_subject_counts(source, subject_ids, counts, train_per_class)
+    n_train = len(subject_ids) * train_per_class
+    return {"train": n_train, "test": len(subjects) - n_train}
+
+
+def _checked_source(
+    root: Path | None, split_seed: Any, train_per_class: Any, options: dict[str, Any]
+) -> Path:
+    check_options("yale", options, ())
+    if root is None:
+        raise DatasetError(f"dataset 'yale' needs its files: {_YALE_EXPECTED}")
+    if not isinstance(train_per_class, int) or train_per_class < 1:
+        raise DatasetError(
+            f"dataset 'yale': train_per_class must be a positive integer (got {train_per_class!r})"
+        )
+    if not isinstance(split_seed, int) or split_seed < 0:
+        raise DatasetError(f"dataset 'yale': split_seed must be a non-negative integer (got {split_seed!r})")
+    return _yale_source(root)
+
+
+def _check_subject_counts(
+    source: Path, subject_ids: np.ndarray, counts: np.ndarray, train_per_class: int
+) -> None:
+    for subject, count in zip(subject_ids.tolist(), counts.tolist(), strict=True):
+        if count < train_per_class:
+            raise DatasetError(
+                f"{source}: yaleB{subject:02d} has {count} images, fewer than train_per_class={train_per_class}"
+            )
+
+
 def load_yale(
     root: Path | None = None, split_seed: int = 0, train_per_class: int = YALE_TRAIN_PER_CLASS, **options: Any
 ) -> LoadedDataset:
@@ -119,16 +165,7 @@ def load_yale(
     `*_P00_Ambient.pgm` images, `*.pgm.bad` files and anything else not named like `yaleBNN_P00A...pgm` are
     skipped. Files are read in sorted path order; the split then follows `yale_split`.
     """
-    check_options("yale", options, ())
-    if root is None:
-        raise DatasetError(f"dataset 'yale' needs its files: {_YALE_EXPECTED}")
-    if not isinstance(train_per_class, int) or train_per_class < 1:
-        raise DatasetError(
-            f"dataset 'yale': train_per_class must be a positive integer (got {train_per_class!r})"
-        )
-    if not isinstance(split_seed, int) or split_seed < 0:
-        raise DatasetError(f"dataset 'yale': split_seed must be a non-negative integer (got {split_seed!r})")
-    source = _yale_source(root)
+    source = _checked_source(root, split_seed, train_per_class, options)
     ambient: list[str] = []
 
     def wanted(name: str) -> bool:
@@ -154,11 +191,7 @@ def load_yale(
                 f"{source}/{name}: image is {image.shape[0]}x{image.shape[1]}, others are {shape[0]}x{shape[1]}"
             )
     subject_ids, counts = np.unique(subjects, return_counts=True)
-    for subject, count in zip(subject_ids.tolist(), counts.tolist(), strict=True):
-        if count < train_per_class:
-            raise DatasetError(
-                f"{source}: yaleB{subject:02d} has {count} images, fewer than train_per_class={train_per_class}"
-            )
+    _check_subject_counts(source, subject_ids, counts, train_per_class)
     train_i, train_l, test_i, test_l = yale_split(subjects, split_seed, train_per_class)
     order = np.concatenate([train_i, test_i])
     x = np.empty((len(order), 1, *shape), dtype=np.float32)
@@ -188,6 +221,8 @@ register_dataset(
     DatasetInfo(
         name="yale",
         loader=load_yale,
+        counter=count_yale,
+        folder_names=("extended-yale-b-cropped", "CroppedYale", "extended_yale_b"),
         needs_root=True,
         description="Extended Yale B cropped faces, 38 subjects, 192x168 grayscale, split 1,900 / 514 as the paper",
         expected_files=_YALE_EXPECTED,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from robmia_db.report import charts, figures, queries, tables
@@ -106,6 +107,8 @@ def build_report(
     output: str | Path | None = None,
     experiment: str | None = None,
     static: str | None = None,
+    attacks: Sequence[str] | None = None,
+    exclude_attacks: Sequence[str] | None = None,
 ) -> Path:
     """Write the self-contained HTML report of a store.
 
@@ -114,6 +117,8 @@ def build_report(
         output: Page to write; default `reports/<store stem>.html`.
         experiment: Only this experiment's models; None for all.
         static: ``"png"`` or ``"svg"`` to also write every chart as a file in `<page stem>-charts/`.
+        attacks: Only these attacks; None for every scored attack.
+        exclude_attacks: Leave these attacks out (an unknown name is an error).
 
     Returns:
         The path of the written page.
@@ -124,7 +129,7 @@ def build_report(
     """
     if static is not None and static not in STATIC_FORMATS:
         raise ValueError(f"static must be one of {STATIC_FORMATS}, not {static!r}")
-    data = collect_report_data(db_path, experiment)
+    data = collect_report_data(db_path, experiment, attacks=attacks, exclude_attacks=exclude_attacks)
     html, slots = render_report(data)
     path = Path(output) if output is not None else default_output(db_path, experiment)
     path.parent.mkdir(parents=True, exist_ok=True)

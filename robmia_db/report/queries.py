@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -169,8 +170,9 @@ def _roc_sql() -> str:
 
 
 def _histogram_sql() -> str:
-    # Confidence bins span [0, 1]; loss bins span [min, 99th percentile] of the model's rows over all
-    # its kinds (so kinds share bins) and the last bin also takes the larger losses.
+    # Confidence bins span [0, 1]; loss bins span [min, 99th percentile] of each (model, kind): adversarial
+    # losses reach hundreds where benign ones stay near 0, and shared bins flattened the benign histogram
+    # into one bar. The last bin also takes the larger losses.
     return """
     WITH base AS (
         SELECT s.model_key, s.kind, s.is_member, CAST(s.confidence AS DOUBLE) AS confidence, s.loss
@@ -179,11 +181,11 @@ def _histogram_sql() -> str:
         WHERE s.is_member IS NOT NULL
     ),
     loss_range AS (
-        SELECT model_key, min(loss) AS lo, quantile_cont(loss, 0.99) AS hi
-        FROM base WHERE loss IS NOT NULL AND isfinite(loss) GROUP BY model_key
+        SELECT model_key, kind, min(loss) AS lo, quantile_cont(loss, 0.99) AS hi
+        FROM base WHERE loss IS NOT NULL AND isfinite(loss) GROUP BY model_key, kind
     ),
     loss_span AS (
-        SELECT model_key, lo, CASE WHEN hi > lo THEN hi - lo ELSE 1.0 END AS width FROM loss_range
+        SELECT model_key, kind, lo, CASE WHEN hi > lo THEN hi - lo ELSE 1.0 END AS width FROM loss_range
     ),
     binned AS (
         SELECT model_key, kind, is_member, 'confidence' AS signal,
@@ -194,7 +196,7 @@ def _histogram_sql() -> str:
         SELECT b.model_key, b.kind, b.is_member, 'loss' AS signal,
                CAST(least(greatest(floor((b.loss - r.lo) / r.width * $bins), 0), $bins - 1) AS INTEGER) AS bin,
                r.lo, r.width
-        FROM base b JOIN loss_span r USING (model_key)
+        FROM base b JOIN loss_span r USING (model_key, kind)
         WHERE b.loss IS NOT NULL AND isfinite(b.loss)
     )
     SELECT model_key, kind, is_member, signal, bin, any_value(lo) AS lo, any_value(width) AS width,
@@ -221,12 +223,20 @@ def _primary_sql() -> str:
     """
 
 
-def collect_report_data(db_path: str | Path, experiment: str | None = None) -> ReportData:
+def collect_report_data(
+    db_path: str | Path,
+    experiment: str | None = None,
+    attacks: Sequence[str] | None = None,
+    exclude_attacks: Sequence[str] | None = None,
+) -> ReportData:
     """Run every query the report needs, in one short read-only session.
 
     Args:
         db_path: The store file.
         experiment: Only models (and specs) of this experiment; None for the whole store.
+        attacks: Only these attacks (leaderboards, ROC curves, attack overview, skips); None for all.
+        exclude_attacks: Leave these attacks out. A name that matches no scored attack of the selected
+            models is an error, never an empty section.
 
     Returns:
         The aggregated data the template renders.
@@ -313,6 +323,8 @@ def collect_report_data(db_path: str | Path, experiment: str | None = None) -> R
                ) = 1
                ORDER BY x.model_key, x.balanced_accuracy DESC NULLS LAST, x.attack, x.perturbation""",
         )
+        data.metrics = _select_attacks(data.metrics, attacks, exclude_attacks, db_path)
+        chosen = {row["attack"] for row in data.metrics}
         data.attacks = _attack_overview(con, data.metrics)
         data.skips = _rows(
             con,
@@ -320,6 +332,8 @@ def collect_report_data(db_path: str | Path, experiment: str | None = None) -> R
                FROM v_attack_skips k JOIN __report_models USING (model_key)
                GROUP BY ALL ORDER BY k.attack, k.reason""",
         )
+        if attacks is not None or exclude_attacks is not None:
+            data.skips = [row for row in data.skips if row["attack"] in chosen]
 
         representatives = _representatives(models)
         data.chart_models = [m["model_key"] for m in representatives]
@@ -327,6 +341,29 @@ def collect_report_data(db_path: str | Path, experiment: str | None = None) -> R
         data.histogram_bins = _histogram_bins(con, data.primary, data.chart_models)
     data.query_seconds = time.perf_counter() - started
     return data
+
+
+def _select_attacks(
+    metrics: list[dict[str, Any]],
+    attacks: Sequence[str] | None,
+    exclude_attacks: Sequence[str] | None,
+    db_path: Path,
+) -> list[dict[str, Any]]:
+    if attacks is None and exclude_attacks is None:
+        return metrics
+    scored = sorted({row["attack"] for row in metrics})
+    for option, names in (("--attack", attacks), ("--exclude-attack", exclude_attacks)):
+        unknown = sorted(set(names or ()) - set(scored))
+        if unknown:
+            raise StoreError(
+                f"{option} {', '.join(unknown)}: not scored on these models in {db_path} "
+                f"(scored attacks: {', '.join(scored) or 'none'})"
+            )
+    keep = set(attacks) if attacks is not None else set(scored)
+    keep -= set(exclude_attacks or ())
+    if not keep:
+        raise StoreError("--attack / --exclude-attack leave no attack to report")
+    return [row for row in metrics if row["attack"] in keep]
 
 
 def _attack_overview(con: duckdb.DuckDBPyConnection, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ class ModelJob:
     perturbations: list[PerturbationJob] = field(default_factory=list)
     runtime: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None
+    spec_text: str | None = None  # the spec file's text, kept with the model it trains
 
 
 @dataclass
@@ -169,6 +170,12 @@ def _validation_errors(
             message = message.replace("must be a number", 'must be a number or "auto"', 1)
         if message.startswith("signals: "):
             key, message = "signals", message[len("signals: ") :]
+        if key in ("data", "data.dataset") and error["type"] == "missing":
+            # there is no default dataset: a forgotten [data] section must not silently train on digits
+            from robmia_db.datasets import dataset_names
+
+            key = "data.dataset"
+            message = f'required: name the dataset, e.g. [data] dataset = "digits" (known: {", ".join(dataset_names())})'
         errors.append(SpecError(path, key or None, message))
     return errors
 
