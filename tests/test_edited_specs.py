@@ -13,9 +13,10 @@ import duckdb
 import numpy as np
 from attack_fixtures import synthetic_outputs
 from conftest import DELETE, robmia
+from schema_v3 import create_v3_store
 
 from robmia_db.store.connection import connect
-from robmia_db.store.schema import MIGRATIONS, SCHEMA_VERSION
+from robmia_db.store.schema import SCHEMA_VERSION
 
 # one natural MLP, 5 epochs: well under a second per training on one core
 SMALL = {
@@ -93,11 +94,8 @@ def test_the_same_arrays_under_another_name_are_not_renamed_silently(tmp_path: P
 
 def test_a_version_3_store_gains_the_spec_columns_and_keeps_every_row(tmp_path: Path):
     db = tmp_path / "v3.duckdb"
+    create_v3_store(db)
     con = duckdb.connect(str(db))
-    con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)")
-    for version, sql in enumerate(MIGRATIONS[:3], start=1):
-        con.execute(sql)
-        con.execute("INSERT INTO schema_version VALUES (?, now())", [version])
     con.execute("INSERT INTO experiments VALUES ('e', 'd', 'e.toml', 'text', now())")
     con.execute(
         "INSERT INTO models (model_key, model_name, experiment, origin, status) VALUES ('k', 'n', 'e', 'trained', 'completed')"

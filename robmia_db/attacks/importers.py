@@ -28,6 +28,7 @@ from robmia_db.spec.identity import content_key
 from robmia_db.store import ingest
 from robmia_db.store.connection import writing
 from robmia_db.store.signals import signal_table, signals_from_logits, signals_from_probs
+from robmia_db.store.tables import Model
 
 CCS2019_KEYS = (
     "output_train_benign", "output_test_benign", "output_train_adversarial", "output_test_adversarial",
@@ -194,7 +195,7 @@ class ImportResult:
     n_members: int
     n_nonmembers: int
     n_classes: int
-    record: ingest.ModelRecord
+    record: Model
 
     def describe(self) -> str:
         if self.action == "already stored":
@@ -265,7 +266,7 @@ def import_outputs(
                 signal_key, model_key, item["name"], item["kind"], item["eps"], settings, table
             )
         )
-    record = ingest.ModelRecord(
+    record = Model(
         model_key=model_key, model_name=model_name, experiment=experiment, origin="imported", dataset=dataset_name,
         defense=defense, membership_scheme="imported", n_members=int(is_member.sum()),
         n_nonmembers=int((~is_member).sum()), n_classes=n_classes,

@@ -42,6 +42,7 @@ from robmia_db.spec.identity import config_differences
 from robmia_db.store import ingest
 from robmia_db.store.connection import checkpoint_dir, run_lock, writing
 from robmia_db.store.signals import signal_table
+from robmia_db.store.tables import Model
 
 PARTIAL_SAVE_INTERVAL_S = 30.0
 
@@ -387,7 +388,7 @@ def _save_partial(path, job, model, optimizer, scheduler, order, epoch, history,
 
 
 def _model_record(job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device):
-    return ingest.ModelRecord(
+    return Model(
         model_key=job.model_key, model_name=job.model_name, experiment=job.experiment, origin="trained",
         dataset=job.dataset, arch=job.arch, width=job.width, defense=job.defense, eps=job.eps, seed=job.seed,
         model_index=job.model_index, membership_scheme=job.identity["membership"]["scheme"],
@@ -413,7 +414,7 @@ class ModelResult:
 
     job: ModelJob
     action: str
-    record: ingest.ModelRecord
+    record: Model
     membership: pa.Table | None
     examples: pa.Table | None
     perturbations: list[ingest.PerturbationRecord]
