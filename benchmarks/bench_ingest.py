@@ -56,8 +56,13 @@ def ours(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
     record = ingest.PerturbationRecord(
         table["signal_key"][0].as_py(), table["model_key"][0].as_py(), "pgd", "adversarial", 0.1, {}, table
     )
-    model = Model(model_key=record.model_key, model_name="bench/m", experiment="bench",
-                               origin="trained", dataset="digits")  # fmt: skip
+    model = Model(
+        model_key=record.model_key,
+        model_name="bench/m",
+        experiment="bench",
+        origin="trained",
+        dataset="digits",
+    )
     ingest.write_model(con, model, None, None, [record])
 
 
