@@ -639,6 +639,25 @@ def _warn_name_changes(reporter: Reporter, changes: list[NameChange]) -> None:
         notify(reporter, "name_changed", change)
 
 
+def _record_metadata(
+    db_path: Path, loaded: list[LoadedSpec], jobs: list[ModelJob], existing: dict[str, dict[str, Any]]
+) -> None:
+    """Experiments' spec text and the names of stored models and perturbations (metadata: never retrains)."""
+    with writing(db_path) as con:
+        for item in loaded:
+            ingest.upsert_experiment(
+                con, item.spec.experiment.name, item.spec.experiment.description, str(item.path), item.text
+            )
+        for job in jobs:
+            if job.model_key in existing:
+                ingest.rename_model(con, job.model_key, job.model_name, job.experiment)
+                for perturbation in job.perturbations:
+                    if perturbation.signal_key in existing[job.model_key]["signal_keys"]:
+                        ingest.rename_perturbation(
+                            con, job.model_key, perturbation.signal_key, perturbation.name
+                        )
+
+
 def _announce(
     reporter: Reporter, db_path: Path, jobs: list[ModelJob], actions: dict[str, str], parallel: int
 ):
@@ -726,29 +745,26 @@ def run_specs(
         return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs], changes)
 
     outcomes: list[ModelOutcome] = []
+    existing, changes = _stored_state(db_path, jobs)
+    actions = plan_actions(jobs, existing)
+    if all(action == "skip" for action in actions.values()):
+        # nothing to train: no run lock, so this never meets (or waits on) another run that holds it
+        _warn_name_changes(reporter, changes)
+        _announce(reporter, db_path, jobs, actions, parallel)
+        _record_metadata(db_path, loaded, jobs, existing)
+        for index, job in enumerate(jobs):
+            reporter.model_started(job, index, len(jobs), "skip")
+            outcomes.append(ModelOutcome(job, "skip"))
+            reporter.model_finished(outcomes[-1])
+        return RunSummary(db_path, outcomes, changes)
     with run_lock(db_path):
-        # planned under the lock: a run that finished meanwhile is seen, and a refused run prints no plan
+        # planned again under the lock: a run that finished meanwhile is seen, and a refused run prints
+        # no plan
         existing, changes = _stored_state(db_path, jobs)
         actions = plan_actions(jobs, existing)
         _warn_name_changes(reporter, changes)
         _announce(reporter, db_path, jobs, actions, parallel)
-        with writing(db_path) as con:
-            for item in loaded:
-                ingest.upsert_experiment(
-                    con,
-                    item.spec.experiment.name,
-                    item.spec.experiment.description,
-                    str(item.path),
-                    item.text,
-                )
-            for job in jobs:
-                if job.model_key in existing:
-                    ingest.rename_model(con, job.model_key, job.model_name, job.experiment)
-                    for perturbation in job.perturbations:
-                        if perturbation.signal_key in existing[job.model_key]["signal_keys"]:
-                            ingest.rename_perturbation(
-                                con, job.model_key, perturbation.signal_key, perturbation.name
-                            )
+        _record_metadata(db_path, loaded, jobs, existing)
         git_commit, git_dirty = _git_provenance()
         provenance = (git_commit, git_dirty, _package_versions())
         tasks = []
