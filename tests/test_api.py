@@ -182,3 +182,16 @@ def test_readme_block_typed_rows_are_the_stored_rows(readme_run):
     )
     assert sorted(a.name for a in attacks) == sorted(views.df("SELECT attack FROM v_attacks")["attack"])
     assert all(isinstance(a, Attack) for a in attacks)
+
+
+def test_run_refuses_unknown_executor_and_ray_options_before_any_work(tmp_path: Path):
+    from robmia_db.errors import RobmiaError
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(toml_dumps(TINY_SPEC), encoding="utf-8")
+    store = Store(tmp_path / "s.duckdb")
+    with pytest.raises(RobmiaError, match=r"^executor 'dask': expected local or ray$"):
+        store.run(spec, executor="dask", progress=False)
+    with pytest.raises(RobmiaError, match=r"^ray_options: unknown gpus \(known: address, "):
+        store.run(spec, executor="ray", ray_options={"gpus": 1}, progress=False)
+    assert not store.path.exists()

@@ -135,6 +135,7 @@ def import_command(path, fmt, name, experiment, dataset, defense) -> None:
     Example: robmia-db import outputs/model_robust.npz --format ccs2019 --name yale_pgd_at
     """
     from robmia_db.attacks.importers import import_outputs
+    from robmia_db.cli.base import safe
 
     result = import_outputs(get_state().db_path, path, fmt, name, experiment, dataset, defense)
-    click.echo(result.describe())
+    click.echo(safe(result.describe()))

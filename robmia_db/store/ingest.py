@@ -49,7 +49,8 @@ def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> di
     try:
         rows = con.execute(
             """
-            SELECT m.model_key, m.status, m.checkpoint, list(p.signal_key) FILTER (WHERE p.signal_key IS NOT NULL)
+            SELECT m.model_key, m.status, m.checkpoint, m.checkpoint_sha256,
+                   list(p.signal_key) FILTER (WHERE p.signal_key IS NOT NULL)
             FROM models m JOIN wanted_keys USING (model_key)
             LEFT JOIN perturbations p USING (model_key)
             GROUP BY ALL
@@ -58,8 +59,13 @@ def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> di
     finally:
         con.unregister("wanted_keys")
     return {
-        key: {"status": status, "checkpoint": checkpoint, "signal_keys": set(signal_keys or [])}
-        for key, status, checkpoint, signal_keys in rows
+        key: {
+            "status": status,
+            "checkpoint": checkpoint,
+            "sha256": sha256,
+            "signal_keys": set(signal_keys or []),
+        }
+        for key, status, checkpoint, sha256, signal_keys in rows
     }
 
 
@@ -224,6 +230,7 @@ def write_model(
     """
     with transaction(con):
         if membership is not None:
+            _drop_model_results(con, model.model_key)
             con.execute("DELETE FROM membership WHERE model_key = ?", [model.model_key])
             con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
             con.execute(INSERT_MODEL, row_values(model))
@@ -235,10 +242,27 @@ def write_model(
                 )
             finally:
                 con.unregister("incoming_membership")
+        else:
+            # new perturbations from a checkpoint that verified: an earlier error of this model is over
+            con.execute("UPDATE models SET error = NULL WHERE model_key = ?", [model.model_key])
         if examples is not None and model.dataset:
             _insert_examples(con, model.dataset, examples)
         for record in perturbations:
             _insert_perturbation(con, record)
+
+
+def _drop_model_results(con: duckdb.DuckDBPyConnection, model_key: str) -> None:
+    """A (re)trained model replaces everything derived from its old weights (`run --retrain`)."""
+    keys = [
+        row[0]
+        for row in con.execute(
+            "SELECT signal_key FROM perturbations WHERE model_key = ?", [model_key]
+        ).fetchall()
+    ]
+    if not keys:
+        return  # no scan of the index-free signals table for a model that never had signals
+    for table in ("scores", "metrics", "attack_skips", "signals", "perturbations"):
+        con.execute(f"DELETE FROM {table} WHERE model_key = ?", [model_key])
 
 
 def write_failed_model(con: duckdb.DuckDBPyConnection, model: Model) -> None:
@@ -246,7 +270,10 @@ def write_failed_model(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     with transaction(con):
         rows = con.execute("SELECT status FROM models WHERE model_key = ?", [model.model_key]).fetchall()
         if rows and rows[0][0] == "completed":
-            return  # a completed model that only failed to add a perturbation keeps its status
+            # a completed model that only failed to add a perturbation keeps its status and its signals,
+            # and shows why in v_models.error (the run's summary points there)
+            con.execute("UPDATE models SET error = ? WHERE model_key = ?", [model.error, model.model_key])
+            return
         con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
         model.status = "failed"
         con.execute(INSERT_MODEL, row_values(model))

@@ -99,7 +99,8 @@ class Model(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_type=TSTZ)
     train_seconds: float | None = _double()
     train_history: list[dict[str, Any]] = _json(list)
-    spec_path: str | None = None  # schema 6: the spec that trained this model, as it was then
+    checkpoint_sha256: str | None = None  # schema 6: checked before the checkpoint is used again
+    spec_path: str | None = None  # schema 7: the spec that trained this model, as it was then
     spec_text: str | None = None
 
 

@@ -38,6 +38,7 @@ CREATE TABLE models (
     finished_at TIMESTAMP WITH TIME ZONE,
     train_seconds DOUBLE PRECISION,
     train_history JSON,
+    checkpoint_sha256 VARCHAR,
     spec_path VARCHAR,
     spec_text VARCHAR,
     PRIMARY KEY (model_key)
