@@ -127,6 +127,7 @@ def _synthetic_result(rows: int, classes: int, checkpoint_mb: float):
     from robmia_db.spec import load_specs
     from robmia_db.store import ingest
     from robmia_db.store.signals import signal_table, signals_from_logits
+    from robmia_db.store.tables import Model
 
     rng = np.random.default_rng(0)
     spec = Path(tempfile.mkdtemp()) / "one.toml"
@@ -155,7 +156,7 @@ def _synthetic_result(rows: int, classes: int, checkpoint_mb: float):
             "is_member": pa.array(np.arange(rows) % 2 == 0),
         }
     )
-    record = ingest.ModelRecord(
+    record = Model(
         model_key=job.model_key,
         model_name=job.model_name,
         experiment="bench",
