@@ -3,8 +3,8 @@
 1. The quickstart (specs/quickstart.toml) on `cuda` and on `cpu`, each into a fresh store: wall time of
    each, and how far the GPU's numbers are from the CPU's (accuracies; max |probs| difference of the benign
    signals; kernels differ, so close, not bit-identical).
-2. A CIFAR-10 lite model (specs/paper-lite/cifar10.toml: WRN-10-1, natural and PGD-AT at 8/255) on
-   `cuda` and `cpu`. Its data is $ROBMIA_DATA/cifar10 when present, else a CIFAR-shaped npz generated
+2. A CIFAR-10 lite model (specs/paper-lite/cifar10.toml: WRN-10-1, natural and PGD-AT at 8/255,
+   shortened to `--cifar-epochs`) on `cuda` and `cpu`. Its data is $ROBMIA_DATA/cifar10 when present, else a CIFAR-shaped npz generated
    here (same shapes and sizes: the timing is what is measured, and the script says which it used).
 3. Defenses and bounds on CUDA: specs/defenses.toml (all eight defenses, PGD and CROWN-verified signals)
    shortened to `--defense-epochs` epochs, on `cuda` and `cpu`: verified accuracies side by side.
@@ -184,6 +184,12 @@ def main() -> int:
         "--cpu-threads", type=int, default=1, help="torch threads of the CPU runs (project default 1)"
     )
     parser.add_argument("--defense-epochs", type=int, default=10)
+    parser.add_argument(
+        "--cifar-epochs",
+        type=int,
+        default=3,
+        help="of the CIFAR-10 lite spec's 15 (its CPU run is the long part)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="shorten every part: a smoke run of the path")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -214,8 +220,7 @@ def main() -> int:
     cifar = (ROOT / "specs" / "paper-lite" / "cifar10.toml").read_text()
     root, what = _cifar_root(folder, 1000, 500)
     cifar = cifar.replace('options = { layout = "npz" }', f'root = "{root}"\noptions = {{ layout = "npz" }}')
-    if args.quick:
-        cifar = _with_epochs(cifar, 1)
+    cifar = _with_epochs(cifar, 1 if args.quick else args.cifar_epochs)
     gpu_s, gpu_db = _run(cifar, folder, "cifar10-lite", args.device, 1, "gpu")
     cpu_s, cpu_db = _run(cifar, folder, "cifar10-lite", "cpu", args.cpu_threads, "cpu")
     report["cifar10_lite"] = {"data": what, "gpu_s": gpu_s, "cpu_s": cpu_s, **_compare(cpu_db, gpu_db)}

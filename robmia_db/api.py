@@ -189,6 +189,8 @@ class Store:
         threads: int | None = None,
         device: str | None = None,
         dry_run: bool = False,
+        executor: str = "local",
+        ray_options: dict[str, Any] | None = None,
     ) -> RunResult:
         """Train what the store lacks for these specs and record their signals (as `robmia-db run`).
 
@@ -200,6 +202,9 @@ class Store:
             threads: torch threads (default: the spec's, else 1).
             device: "auto", "cpu" or "cuda" (default: the spec's runtime.device).
             dry_run: only plan: report what would be trained, train nothing.
+            executor: "local" (one model after the other here) or "ray" (one Ray task per model).
+            ray_options: for executor="ray", fields of `runner.executor.RayOptions` (address,
+                cpus_per_model, gpus_per_model, max_parallel, max_retries, handoff, num_cpus).
 
         Returns:
             A `RunResult`; `result.failed` lists models that failed (recorded as failed in the store).
@@ -207,11 +212,22 @@ class Store:
         Raises:
             SpecErrors: a spec is invalid or its data is missing; nothing is trained then.
         """
-        from robmia_db.runner.executor import run_specs
+        from robmia_db.errors import RobmiaError
+        from robmia_db.runner.executor import RayOptions, run_specs
 
+        options = None
+        if ray_options is not None:
+            known = set(RayOptions.__dataclass_fields__)
+            unknown = sorted(set(ray_options) - known)
+            if unknown:
+                raise RobmiaError(
+                    f"ray_options: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+                )
+            options = RayOptions(**ray_options)
         run = functools.partial(
-            run_specs, list(specs), self.path, threads=threads, device=device, dry_run=dry_run
-        )
+            run_specs, list(specs), self.path, threads=threads, device=device, dry_run=dry_run,
+            executor=executor, ray_options=options,
+        )  # fmt: skip
         if callable(progress):
             return RunResult(
                 run(progress=lambda event, snapshot: progress(ProgressEvent.from_snapshot(event, snapshot)))

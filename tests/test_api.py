@@ -154,3 +154,16 @@ def test_api_signatures_are_explicit_and_documented():
             if name != "self":
                 assert f"{name.lstrip('*')}:" in doc, f"{method.__name__}: {name} is not documented"
     assert robmia_db.open_store("x.duckdb").path == Path("x.duckdb")
+
+
+def test_run_refuses_unknown_executor_and_ray_options_before_any_work(tmp_path: Path):
+    from robmia_db.errors import RobmiaError
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(toml_dumps(TINY_SPEC), encoding="utf-8")
+    store = Store(tmp_path / "s.duckdb")
+    with pytest.raises(RobmiaError, match=r"^executor 'dask': expected local or ray$"):
+        store.run(spec, executor="dask", progress=False)
+    with pytest.raises(RobmiaError, match=r"^ray_options: unknown gpus \(known: address, "):
+        store.run(spec, executor="ray", ray_options={"gpus": 1}, progress=False)
+    assert not store.path.exists()

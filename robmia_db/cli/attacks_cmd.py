@@ -135,9 +135,10 @@ def import_command(path, fmt, name, experiment, dataset, defense) -> None:
     Example: robmia-db import outputs/model_robust.npz --format ccs2019 --name yale_pgd_at
     """
     from robmia_db.attacks.importers import import_outputs
+    from robmia_db.cli.base import safe
 
     record = import_outputs(get_state().db_path, path, fmt, name, experiment, dataset, defense)
     click.echo(
-        f"imported {record.model_name} ({record.model_key}): {record.n_members} members, "
+        f"imported {safe(record.model_name)} ({record.model_key}): {record.n_members} members, "
         f"{record.n_nonmembers} non-members, {record.n_classes} classes"
     )
