@@ -205,7 +205,9 @@ def _located(path: Path, key: str, exc: Exception) -> SpecError:
     """A SpecError under `key`, unless the message already names its own dotted key."""
     message = str(exc)
     head = message.split(":", 1)[0]
-    if head.startswith(key.split(".")[0]) and " " not in head:
+    top = key.split(".")[0]
+    # a dotted key of this section (`data.root`), not a path that merely starts with its name (`data/x.npz`)
+    if (head == top or head.startswith((top + ".", top + "["))) and " " not in head:
         return SpecError(path, None, message)
     return SpecError(path, key, message)
 
