@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from attack_fixtures import (
+    JOINT_REFERENCE_ATTACKS,
     REFERENCE_ATTACKS,
     SIGNAL_ATTACKS,
     SQL_BUILTINS,
@@ -656,7 +657,11 @@ def test_attack_model_scores_and_metrics(any_population: Population):
 
 def test_imported_models_over_other_examples_are_not_references(tmp_path: Path):
     db = tmp_path / "mixed.duckdb"
-    outputs = {"ten": synthetic_outputs(71, n=100), "seven": synthetic_outputs(72, n=80, n_classes=7)}
+    # the importer refuses the same example ids with other labels under one dataset: "seven" has its own ids
+    outputs = {
+        "ten": synthetic_outputs(71, n=100),
+        "seven": synthetic_outputs(72, n=80, n_classes=7, example_id=np.arange(1000, 1080)),
+    }
     import_synthetic(db, tmp_path / "npz", outputs, dataset="shared")
     (outcome,) = score_attacks(db, ["class_thresholds"])
     assert outcome.scored == 0 and len(outcome.skipped) == 4
@@ -724,7 +729,7 @@ def _builtin_titles() -> dict[str, str]:
 
 def test_attacks_command_lists_builtins_and_user_attacks(tmp_path: Path):
     titles = _builtin_titles()
-    assert set(titles) == {*SQL_BUILTINS, *REFERENCE_ATTACKS}
+    assert set(titles) == {*SQL_BUILTINS, *REFERENCE_ATTACKS, *JOINT_REFERENCE_ATTACKS}
     result = CliRunner().invoke(main, ["attacks"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()

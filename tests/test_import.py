@@ -277,7 +277,9 @@ def test_ccs2019_golden_confidence_matches_the_paper_loop(tmp_path: Path):
                 "--name",
                 name,
                 "--dataset",
-                f"yale-{name}",  # two unrelated random files: one dataset name would claim they share examples
+                # the two synthetic files are not the same examples (their labels differ per id), which the
+                # importer refuses under one dataset name
+                f"yale-{name}",
                 "--db",
                 str(db),
             ],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from robmia_db.datasets import dataset_names
 from robmia_db.errors import ImportDataError
 from robmia_db.spec.identity import content_key
 from robmia_db.store import ingest
 from robmia_db.store.connection import writing
 from robmia_db.store.signals import signal_table, signals_from_logits, signals_from_probs
+from robmia_db.store.tables import Model
 
 CCS2019_KEYS = (
     "output_train_benign", "output_test_benign", "output_train_adversarial", "output_test_adversarial",
@@ -298,6 +299,33 @@ def read_generic_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str,
     return labels, is_member, perturbations, example_id
 
 
+@dataclass
+class ImportResult:
+    """What `import` did: `action` is "imported", "replaced" (same arrays, same name: rewritten in place)
+    or "already stored" (same arrays stored under another name: nothing written, `stored_name` says which)."""
+
+    model_key: str
+    model_name: str
+    action: str
+    stored_name: str | None
+    n_members: int
+    n_nonmembers: int
+    n_classes: int
+    record: Model
+
+    def describe(self) -> str:
+        if self.action == "already stored":
+            return (
+                f"already stored as {self.stored_name} ({self.model_key}): the same arrays make the same model; "
+                f"nothing imported and not renamed to {self.model_name} "
+                f"(`robmia-db rm {self.model_key} --yes` first to import it under the new name)"
+            )
+        return (
+            f"{self.action} {self.model_name} ({self.model_key}): {self.n_members} members, "
+            f"{self.n_nonmembers} non-members, {self.n_classes} classes"
+        )
+
+
 def import_outputs(
     db_path: str | Path,
     path: str | Path,
@@ -306,8 +334,12 @@ def import_outputs(
     experiment: str = "imported",
     dataset: str | None = None,
     defense: str | None = None,
-) -> ingest.ModelRecord:
-    """Validate an output file, then write it as one model (all or nothing). Returns the model record."""
+) -> ImportResult:
+    """Validate an output file, then write it as one model (all or nothing).
+
+    The model key is a hash of the file's content: the same arrays imported again under their stored name
+    are rewritten in place; under another name nothing is written and the result says where they are.
+    """
     path = Path(path)
     if fmt == "ccs2019":
         labels, is_member, perturbations = read_ccs2019(path)
@@ -349,7 +381,7 @@ def import_outputs(
                 signal_key, model_key, item["name"], item["kind"], item["eps"], settings, chunks
             )
         )
-    record = ingest.ModelRecord(
+    record = Model(
         model_key=model_key, model_name=model_name, experiment=experiment, origin="imported", dataset=dataset_name,
         defense=defense, membership_scheme="imported", n_members=int(is_member.sum()),
         n_nonmembers=int((~is_member).sum()), n_classes=n_classes,
@@ -379,12 +411,21 @@ def import_outputs(
         }
     )
     # a memory limit makes DuckDB write a large transaction's rows to the file as it goes instead of
-    # holding them until COMMIT (3.6 GB at 1e7 rows without it, measured by benchmarks/bench_memory.py)
+    # holding them until COMMIT (3.6 GB at 1e7 rows without it, 2.6 GB with it: benchmarks/bench_memory.py)
     with writing(db_path, memory_limit=IMPORT_MEMORY_LIMIT) as con:
-        if dataset and dataset in dataset_names():
-            _check_same_examples(con, path, dataset, examples)
-        ingest.write_model(con, record, membership, examples, records)
-    return record
+        stored = con.execute("SELECT model_name FROM models WHERE model_key = ?", [model_key]).fetchall()
+        stored_name = stored[0][0] if stored else None
+        if stored_name is not None and stored_name != model_name:
+            action = "already stored"
+        else:
+            action = "replaced" if stored_name is not None else "imported"
+            if dataset:
+                _check_same_examples(con, path, dataset, examples)
+            ingest.write_model(con, record, membership, examples, records)
+    return ImportResult(
+        model_key, model_name, action, stored_name, record.n_members or 0, record.n_nonmembers or 0, n_classes,
+        record,
+    )  # fmt: skip
 
 
 def _file_sha256(path: Path) -> str:
@@ -405,9 +446,8 @@ def _signal_chunks(path, item, signal_key, model_key, example_ids, labels, is_me
 
 
 def _check_same_examples(con, path: Path, dataset: str, examples: pa.Table) -> None:
-    """`--dataset digits` (a registered dataset) claims these rows are its examples: ids the runner already
-    stored must carry the same labels, or `v_membership.label` (read from the stored examples) would be
-    another array's labels. Free-form names (a population of imports) are not checked here.
+    """`--dataset NAME` claims these rows are NAME's examples: ids already stored must carry the same labels,
+    or `v_membership.label` (read from the stored examples) would be another array's labels.
     """
     con.register("incoming_examples", examples)
     try:
