@@ -31,6 +31,9 @@ def report_command(output: str | None, experiment: str | None, static: str | Non
     Example: robmia-db report -o reports/yale.html --experiment yale-paper --static png
     """
     from robmia_db.report import build_report
+    from robmia_db.store.query import check_experiment
 
+    if experiment is not None:
+        check_experiment(get_state().db_path, experiment)
     path = build_report(get_state().db_path, output=output, experiment=experiment, static=static)
     click.echo(str(path))
