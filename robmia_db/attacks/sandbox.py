@@ -148,6 +148,14 @@ def open_sandbox(relations: dict[str, pa.Table], memory_limit: str) -> duckdb.Du
     return con
 
 
+def close_sandbox(con: duckdb.DuckDBPyConnection) -> None:
+    """Close a sandbox; one still busy with a stopped attack's query is left to its daemon thread."""
+    try:
+        con.close()
+    except duckdb.Error:
+        pass
+
+
 def _memory_limit(value: str) -> str:
     text = str(value).strip().replace(" ", "")
     number = text.rstrip("KMGTiBb")
@@ -348,8 +356,11 @@ def guarded(
     except KeyboardInterrupt:
         reason = "interrupted (Ctrl-C)"
     if reason is not None:
-        con.interrupt()
-        thread.join(_STOP_GRACE_S)
+        # an interrupt that lands between two pipelines of a query can be missed: repeat it
+        grace_end = time.monotonic() + _STOP_GRACE_S
+        while thread.is_alive() and time.monotonic() < grace_end:
+            con.interrupt()
+            thread.join(0.05)
         raise AttackStopped(
             f"{path}: {label} {reason} after {time.monotonic() - started:.1f} s; nothing of this attack "
             "was stored"

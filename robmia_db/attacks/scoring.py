@@ -36,6 +36,7 @@ from robmia_db.attacks.sandbox import (
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_TIMEOUT_S,
     batches,
+    close_sandbox,
     open_sandbox,
     read_relations,
     run_batch,
@@ -240,7 +241,7 @@ def score_attacks(
                     try:
                         table, counts = run_batch(sandbox, attack, batch, key_names, timeout_s)
                     finally:
-                        sandbox.close()
+                        close_sandbox(sandbox)
                     results.append(table)
                     nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
         new_skips = {(attack_key, names[m], p, r) for m, p, r in skipped} - recorded_skips
