@@ -22,7 +22,7 @@ from robmia_db.store.query import run_query
 
 SQL_BUILTINS = ("confidence", "loss", "entropy", "mentropy", "margin", "adv_loss_gap")
 SIGNAL_ATTACKS = ("confidence", "loss", "entropy", "mentropy", "margin")
-REFERENCE_ATTACKS = ("class_thresholds", "shokri_classifier")
+REFERENCE_ATTACKS = ("class_thresholds", "attack_model")
 STORE_TABLES = (
     "models",
     "membership",
@@ -210,21 +210,33 @@ def best_threshold(values: np.ndarray, members: np.ndarray) -> float | None:
     return best
 
 
+def thre_setting_loop(train: np.ndarray, test: np.ndarray) -> float:
+    """Song & Mittal's `_thre_setting`, literally: every candidate value in order, the first strict maximum."""
+    value_list = np.concatenate((train, test))
+    thre, max_acc = 0, 0
+    for value in value_list:
+        tr_ratio = np.sum(train >= value) / (len(train) + 0.0)
+        te_ratio = np.sum(test < value) / (len(test) + 0.0)
+        acc = 0.5 * (tr_ratio + te_ratio)
+        if acc > max_acc:
+            thre, max_acc = value, acc
+    return float(thre)
+
+
 def class_threshold_scores(
     target: dict[str, np.ndarray], references: list[dict[str, np.ndarray]], column: str = "confidence"
 ) -> np.ndarray:
-    """Song & Mittal's class-dependent thresholds, restated: the target's signal minus its class's threshold,
-    the best (largest among ties) on the pooled references of that class, else the best overall one."""
+    """Song & Mittal's class-dependent thresholds, restated: the target's signal minus its class's threshold
+    set by their loop on the pooled references' members (train) and non-members (test) of that class."""
     values = np.concatenate([r[column] for r in references]).astype(np.float64)
-    members = np.concatenate([r["is_member"] for r in references])
+    members = np.concatenate([r["is_member"] for r in references]).astype(bool)
     labels = np.concatenate([r["label"] for r in references])
-    overall = best_threshold(values, members)
-    overall = values.max() if overall is None else overall
-    per_class = {}
-    for label in np.unique(labels):
-        found = best_threshold(values[labels == label], members[labels == label])
-        per_class[int(label)] = overall if found is None else found
-    shift = np.array([per_class.get(int(c), overall) for c in target["label"]])
+    shift = np.zeros(len(target["label"]))
+    for label in np.unique(target["label"]):
+        same = labels == label
+        with np.errstate(invalid="ignore"):
+            tau = thre_setting_loop(values[same & members], values[same & ~members])
+        shift[target["label"] == label] = tau
     return target[column].astype(np.float64) - shift
 
 

@@ -57,7 +57,7 @@ FLOAT_METRICS = tuple(c for c in METRIC_COLUMNS if c not in INTEGER_METRICS)
 CONFIDENCE_BODY = "SELECT model_key, example_id, CAST(confidence AS DOUBLE) AS score FROM target"
 POPULATION_EPOCHS = 25
 SHOKRI_PARAMS = {"max_iter": 10}
-SHOKRI = "shokri_classifier[max_iter=10]"  # a parameter variant is its own attack
+SHOKRI = "attack_model[max_iter=10]"  # a parameter variant is its own attack
 
 
 @dataclass
@@ -496,7 +496,7 @@ def test_reference_attacks_skipped_without_references(untied_store: SyntheticSto
     assert (
         query(
             db,
-            "SELECT count(*) AS n FROM v_metrics WHERE attack IN ('class_thresholds', 'shokri_classifier')",
+            "SELECT count(*) AS n FROM v_metrics WHERE attack IN ('class_thresholds', 'attack_model')",
         )[0]["n"]
         == 0
     )
@@ -543,7 +543,7 @@ class Population:
     keys: dict[str, str]  # model name -> key
     outcomes: dict[str, AttackOutcome]
     perturbations: tuple[str, ...]
-    shokri_target: str  # shokri_classifier is scored on this model only: its fit costs seconds
+    shokri_target: str  # attack_model is scored on this model only: its fit costs seconds
 
 
 @pytest.fixture(scope="module")
@@ -579,7 +579,7 @@ def _score_population(
 
     outcomes = score_attacks(db, attacks)
     with threadpool_limits(1):
-        outcomes += score_attacks(db, ["shokri_classifier"], params=SHOKRI_PARAMS, models=[shokri_target])
+        outcomes += score_attacks(db, ["attack_model"], params=SHOKRI_PARAMS, models=[shokri_target])
     keys = {r["model_name"]: r["model_key"] for r in query(db, "SELECT model_name, model_key FROM v_models")}
     return Population(db, keys, {o.attack.base_name: o for o in outcomes}, perturbations, shokri_target)
 
@@ -593,7 +593,7 @@ def test_population_runs_reference_attacks(any_population: Population):
     population = any_population
     n_units = 3 * len(population.perturbations)
     for name, outcome in population.outcomes.items():
-        expected = len(population.perturbations) if name == "shokri_classifier" else n_units
+        expected = len(population.perturbations) if name == "attack_model" else n_units
         assert outcome.scored == expected and outcome.skipped == [], name
     rows = query(
         population.db,
@@ -645,7 +645,7 @@ def test_calibrated_accuracy_from_reference_thresholds(any_population: Populatio
     rows = query(
         any_population.db,
         "SELECT attack, model_key, perturbation, balanced_accuracy, calibrated_accuracy, calibrated_threshold "
-        "FROM v_metrics WHERE attack NOT LIKE 'shokri_classifier%' AND attack <> 'class_thresholds'",
+        "FROM v_metrics WHERE attack NOT LIKE 'attack_model%' AND attack <> 'class_thresholds'",
     )
     assert len(rows) == (len(any_population.outcomes) - 2) * 3 * len(any_population.perturbations)
     for row in rows:
@@ -665,7 +665,7 @@ def test_calibrated_accuracy_from_reference_thresholds(any_population: Populatio
         assert row["calibrated_accuracy"] == pytest.approx(calibrated, abs=1e-12, rel=0), row
 
 
-def test_shokri_classifier_scores_and_metrics(any_population: Population):
+def test_attack_model_scores_and_metrics(any_population: Population):
     key = any_population.keys[any_population.shokri_target]
     stored = all_scores(any_population.db)
     for perturbation in any_population.perturbations:
@@ -755,7 +755,9 @@ def _builtin_titles() -> dict[str, str]:
 
 def test_attacks_command_lists_builtins_and_user_attacks(tmp_path: Path):
     titles = _builtin_titles()
-    assert set(titles) == {*SQL_BUILTINS, *REFERENCE_ATTACKS}
+    assert (
+        set(titles) == set(load_registry(entry_points=False).attacks) >= {*SQL_BUILTINS, *REFERENCE_ATTACKS}
+    )
     result = CliRunner().invoke(main, ["attacks"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -784,7 +786,10 @@ def test_attacks_command_lists_builtins_and_user_attacks(tmp_path: Path):
     result = CliRunner().invoke(main, ["attacks", "--attacks", str(folder)])
     assert result.exit_code == 1 and "is named 'loss' like the built-in attack" in result.stderr
     result = CliRunner().invoke(main, ["attacks", "--attacks", str(folder), "--replace"])
-    assert result.exit_code == 0 and "note: a user attack replaces the built-in 'loss' (--replace)" in result.stderr
+    assert (
+        result.exit_code == 0
+        and "note: a user attack replaces the built-in 'loss' (--replace)" in result.stderr
+    )
     assert len(result.stdout.splitlines()) == len(titles) + 1
 
 
@@ -814,7 +819,7 @@ for name, args in json.loads(sys.argv[1]).items():
     except SystemExit as exc:
         code = exc.code
     seen[name] = {"code": code, "torch": "torch" in sys.modules}
-# what shokri_classifier imports when it runs (its fit takes seconds, so it is not run here)
+# what attack_model imports when it runs (its fit takes seconds, so it is not run here)
 import sklearn.ensemble  # noqa: E402
 seen["sklearn_for_shokri"] = {"code": 0, "torch": "torch" in sys.modules}
 print("RESULT " + json.dumps(seen))

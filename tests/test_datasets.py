@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robmia_db.datasets import files
-from robmia_db.datasets.base import load_dataset
+from robmia_db.datasets import cifar10, idx, yale
+from robmia_db.datasets.base import count_dataset, load_dataset
 from robmia_db.datasets.describe import describe_dataset
 from robmia_db.errors import DatasetError
 
@@ -90,10 +90,10 @@ def test_mnist_in_torchvision_raw_folder_with_dot_names(tmp_path):
 
 def test_fashion_mnist_found_in_default_folder_without_root(tmp_path, monkeypatch):
     make_idx_folder(tmp_path / "debian")
-    monkeypatch.setitem(files.DEFAULT_IDX_DIRS, "fashion_mnist", (tmp_path / "nowhere", tmp_path / "debian"))
+    monkeypatch.setitem(idx.DEFAULT_IDX_DIRS, "fashion_mnist", (tmp_path / "nowhere", tmp_path / "debian"))
     ds = load_dataset("fashion_mnist")
     assert ds.split_counts() == {"train": 7, "test": 4}
-    monkeypatch.setitem(files.DEFAULT_IDX_DIRS, "fashion_mnist", (tmp_path / "nowhere",))
+    monkeypatch.setitem(idx.DEFAULT_IDX_DIRS, "fashion_mnist", (tmp_path / "nowhere",))
     with pytest.raises(DatasetError, match=r"nowhere: no IDX files found; dataset 'fashion_mnist' expects"):
         load_dataset("fashion_mnist")
 
@@ -212,7 +212,7 @@ def test_cifar_python_batches_from_tar_gz_and_without_meta(tmp_path):
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     ds = load_dataset("cifar10", archive.parent)
     np.testing.assert_array_equal(ds.x, x_ref.astype(np.float32) / np.float32(255))
-    assert ds.classes == files.CIFAR10_CLASSES
+    assert ds.classes == cifar10.CIFAR10_CLASSES
     assert any("batches.meta missing" in n for n in ds.notes)
 
 
@@ -266,7 +266,7 @@ def make_image_tree(
     rng = _rng(3)
     written = {}
     for split, counts in (("train", n_train), ("test", (n_test, n_test))):
-        for c, cls in enumerate(files.CIFAR10_CLASSES):
+        for c, cls in enumerate(cifar10.CIFAR10_CLASSES):
             folder = root / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             n = counts[c % 2]
@@ -285,7 +285,7 @@ def make_image_tree(
 def _expected_tree_order(written):
     xs, ys = [], []
     for split in ("train", "test"):
-        for c, cls in enumerate(files.CIFAR10_CLASSES):
+        for c, cls in enumerate(cifar10.CIFAR10_CLASSES):
             k = 0
             while (split, cls, k) in written:
                 xs.append(written[(split, cls, k)].transpose(2, 0, 1))
@@ -330,7 +330,7 @@ def test_cifar_tree_original_order_restored_from_y_train_all(tmp_path):
     seen = {c: 0 for c in range(10)}
     expected = []
     for label in y_all.tolist():
-        expected.append(written[("train", files.CIFAR10_CLASSES[label], seen[label])].transpose(2, 0, 1))
+        expected.append(written[("train", cifar10.CIFAR10_CLASSES[label], seen[label])].transpose(2, 0, 1))
         seen[label] += 1
     np.testing.assert_array_equal(ds.y[:20], y_all)
     np.testing.assert_array_equal(ds.x[:20] * np.float32(255), np.stack(expected).astype(np.float32))
@@ -375,7 +375,7 @@ def test_cifar_npz_subset_and_layout_choice(tmp_path):
     rng = _rng(5)
     x_train = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     x_test = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    classes = np.array(files.CIFAR10_CLASSES)
+    classes = np.array(cifar10.CIFAR10_CLASSES)
     np.savez(
         tmp_path / "subset.npz",
         x_train=x_train,
@@ -476,7 +476,7 @@ def test_yale_folder_matches_the_authors_split(tmp_path, seed):
 
 def test_yale_split_function_against_global_seed_stream():
     subjects = np.array([3, 1, 1, 3, 2, 2, 1, 3, 2, 2, 1])
-    train_i, train_l, test_i, test_l = files.yale_split(subjects, seed=7, train_per_class=2)
+    train_i, train_l, test_i, test_l = yale.yale_split(subjects, seed=7, train_per_class=2)
     X = np.arange(len(subjects))
     ref_train, ref_train_l, ref_test, ref_test_l = authors_yale_split(X, subjects, 2, 7)
     np.testing.assert_array_equal(train_i, ref_train)
@@ -543,7 +543,7 @@ def test_yale_malformed(tmp_path):
 def test_pgm_sixteen_bit_is_scaled():
     image = np.array([[0, 1000], [65535, 32768]], dtype=">u2")
     data = b"P5 2 2 65535\n" + image.tobytes()
-    np.testing.assert_array_equal(files.read_pgm(data, "x"), [[0, 4], [255, 128]])
+    np.testing.assert_array_equal(yale.read_pgm(data, "x"), [[0, 4], [255, 128]])
 
 
 # ------------------------------------------------------------------------------------------------ npz
@@ -722,6 +722,101 @@ def test_dataset_layer_and_cli_module_do_not_import_torch(tmp_path):
 def test_pickle_helper_accepts_protocol_5_arrays():
     array = np.arange(3072 * 2, dtype=np.uint8).reshape(2, 3072)
     blob = pickle.dumps({b"data": array, b"labels": [1, 2]}, protocol=5)
-    batch = files._unpickle_batch(blob, "mem")
+    batch = cifar10._unpickle_batch(blob, "mem")
     np.testing.assert_array_equal(batch[b"data"], array)
     assert io.BytesIO(blob).read(2) == b"\x80\x05"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counting without loading (what `check` uses) and $ROBMIA_DATA folder names
+
+
+def _write_every_format(root: Path) -> dict[str, tuple[Path, dict]]:
+    """One small instance of every file format, each with the options needed to read it."""
+    make_idx_folder(root / "idx", n_train=9, n_test=5)
+    make_cifar_batches(root / "batches" / "cifar-10-batches-py", per_batch=2, n_test=3)
+    make_image_tree(root / "tree", "png", n_train=(2, 3), n_test=1)
+    with tarfile.open(root / "tree.tar.gz", "w:gz") as archive:
+        archive.add(root / "tree", arcname="cifar")
+    make_cropped_yale(root / "yale")
+    with tarfile.open(root / "yale.tar.xz", "w:xz") as archive:
+        archive.add(root / "yale" / "CroppedYale", arcname="CroppedYale")
+    rng = _rng(11)
+    np.savez(
+        root / "split.npz", x=rng.integers(0, 256, (7, 4, 4), dtype=np.uint8), y=np.arange(7) % 3,
+        split=np.array([0, 1, 1, 0, 0, 1, 0]),
+    )  # fmt: skip
+    np.savez(
+        root / "keras.npz",
+        x_train=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), y_train=np.arange(6) % 10,
+        x_test=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), y_test=np.arange(2),
+    )  # fmt: skip
+    return {
+        "mnist": (root / "idx", {}),
+        "cifar10-batches": (root / "batches", {}),
+        "cifar10-tree": (root / "tree", {}),
+        "cifar10-tree-tar": (root / "tree.tar.gz", {}),
+        "cifar10-npz": (root / "keras.npz", {}),
+        "yale": (root / "yale", {"train_per_class": 5}),
+        "yale-tar": (root / "yale.tar.xz", {"train_per_class": 4}),
+        "npz": (root / "split.npz", {}),
+    }
+
+
+def test_counts_equal_the_split_counts_of_loading_for_every_format(tmp_path):
+    for label, (path, options) in _write_every_format(tmp_path).items():
+        name = label.split("-")[0]
+        counted = count_dataset(name, path, **options)
+        loaded = load_dataset(name, path, **options).split_counts()
+        assert counted == loaded, label
+        assert sum(counted.values()) > 0
+    assert count_dataset("digits") == {"train": 1797}
+    # counting refuses what loading refuses, with the same message
+    for name, path, options in [
+        ("yale", tmp_path / "yale", {"train_per_class": 6}),
+        ("cifar10", tmp_path / "tree", {"layout": "npz"}),
+        ("npz", tmp_path / "split.npz", {"layout": "nhcw"}),
+        ("mnist", tmp_path / "idx", {"bogus": 1}),
+    ]:
+        with pytest.raises(DatasetError) as from_load:
+            load_dataset(name, path, **options)
+        with pytest.raises(DatasetError) as from_count:
+            count_dataset(name, path, **options)
+        assert str(from_count.value) == str(from_load.value)
+
+
+def test_idx_counts_read_only_the_headers(tmp_path):
+    arrays, paths = make_idx_folder(tmp_path, n_train=9, n_test=5, gz_mask=(True, False, False, True))
+    # cut the pixels off: a count needs the header alone (loading would refuse the truncated file)
+    plain = paths["t10k-images-idx3-ubyte"]
+    assert not plain.name.endswith(".gz")
+    plain.write_bytes(plain.read_bytes()[:16])
+    assert count_dataset("mnist", tmp_path) == {"train": 9, "test": 5}
+    with pytest.raises(DatasetError, match="truncated"):
+        load_dataset("mnist", tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", arrays["t10k-labels-idx1-ubyte"][:3], gz=True)
+    with pytest.raises(
+        DatasetError, match=r"t10k-labels-idx1-ubyte.gz: 3 labels but t10k-images-idx3-ubyte has 5"
+    ):
+        count_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [("yale", "extended-yale-b-cropped"), ("fashion_mnist", "fashion-mnist"), ("cifar10", "cifar-10")],
+)
+def test_robmia_data_finds_the_usual_folder_names(tmp_path, monkeypatch, name, folder):
+    # the folder names the data is distributed under (../shared/data uses the first two)
+    options = {}
+    if name == "yale":
+        make_cropped_yale(tmp_path / folder)
+        options = {"train_per_class": 5}
+    elif name == "fashion_mnist":
+        make_idx_folder(tmp_path / folder, n_train=9, n_test=5)
+        monkeypatch.setitem(idx.DEFAULT_IDX_DIRS, "fashion_mnist", (tmp_path / "nowhere",))
+    else:
+        make_cifar_batches(tmp_path / folder, per_batch=2, n_test=3)
+    monkeypatch.setenv("ROBMIA_DATA", str(tmp_path))
+    ds = load_dataset(name, **options)
+    assert str(tmp_path / folder) in ds.source
+    assert count_dataset(name, **options) == ds.split_counts()

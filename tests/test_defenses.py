@@ -473,7 +473,10 @@ def test_bad_defense_parameters_are_reported_with_their_key(
     tmp_path: Path, defense: str, line: str, message: str
 ) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(f"[experiment]\nname = 'x'\n[defense.{defense}]\n{line}\n", encoding="utf-8")
+    path.write_text(
+        f"[experiment]\nname = 'x'\n[data]\ndataset = 'digits'\n[defense.{defense}]\n{line}\n",
+        encoding="utf-8",
+    )
     _, spec, errors = read_spec(path)
     assert spec is None
     assert [e.format() for e in errors] == [f"{path}: {message}"]

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_curve
 from robmia_db.cli import main
 from robmia_db.errors import StoreError
 from robmia_db.report import build_report
-from robmia_db.report.build import HISTOGRAM_BINS, MAX_MODEL_CHARTS, ROC_CURVES_PER_MODEL
+from robmia_db.report.queries import HISTOGRAM_BINS, MAX_MODEL_CHARTS, ROC_CURVES_PER_MODEL
 
 XSS_DESCRIPTION = "<script>document.body.setAttribute('data-pwned','1')</script> & friends"
 XSS_MODEL_NAME = "<img src=x onerror=alert(1)></script><script>alert(2)</script>"
@@ -375,12 +375,25 @@ def test_histograms_match_numpy(report_page, report_store):
                     if b["signal"] == "confidence" and b["kind"] == kind and b["group"] == group:
                         shares[int(round(b["start"] * HISTOGRAM_BINS))] = b["share"]
                 assert np.abs(shares - reference / values.size).sum() <= 2.0 / values.size + 1e-9
-                losses = [
-                    b["share"]
-                    for b in bins
-                    if b["signal"] == "loss" and b["kind"] == kind and b["group"] == group
-                ]
-                assert sum(losses) == pytest.approx(1.0, abs=1e-5)
+                # loss bins: [min, 99th percentile] of this kind alone (both groups), larger losses in
+                # the last bin; numpy's histogram of the clipped losses is the reference
+                kind_losses = np.array(
+                    [s["loss"] for s in signals if s["model_name"] == model and s["kind"] == kind]
+                )
+                lo, hi = kind_losses.min(), np.quantile(kind_losses, 0.99)
+                losses = np.array(
+                    [s["loss"] for s in signals if s["model_name"] == model and s["kind"] == kind
+                     and s["is_member"] is member]
+                )  # fmt: skip
+                reference, edges = np.histogram(np.clip(losses, lo, hi), bins=HISTOGRAM_BINS, range=(lo, hi))
+                shares = np.zeros(HISTOGRAM_BINS)
+                for b in bins:
+                    if b["signal"] == "loss" and b["kind"] == kind and b["group"] == group:
+                        index = int(round((b["start"] - lo) / (hi - lo) * HISTOGRAM_BINS))
+                        assert b["start"] == pytest.approx(edges[index], abs=1e-5)
+                        shares[index] = b["share"]
+                assert shares.sum() == pytest.approx(1.0, abs=1e-5)
+                assert np.abs(shares - reference / losses.size).sum() <= 2.0 / losses.size + 1e-5
 
 
 def test_gap_and_sweep_charts_match_views(report_page, report_store):
@@ -509,6 +522,58 @@ def test_experiment_filter_default_output_and_cli(report_store, tmp_path, monkey
         build_report(tmp_path / "missing.duckdb")
 
 
+def test_attack_filters_choose_what_the_page_shows(report_store, tmp_path):
+    runner = CliRunner()
+    scored = {m["attack"] for m in view_rows(report_store, "SELECT DISTINCT attack FROM v_metrics")}
+    assert scored == {"confidence", "loss", "adv_loss_gap"}
+
+    def shown(*args: str) -> tuple[set[str], set[str]]:
+        page = tmp_path / "f.html"
+        result = runner.invoke(main, ["report", "--db", str(report_store), "-o", str(page), *args])
+        assert result.exit_code == 0, result.output
+        root = parse(page.read_text(encoding="utf-8"))
+        rows = section(root, "leaderboard").find_all("tr")
+        in_boards = {r.attrs["data-attack"] for r in rows if "data-attack" in r.attrs}
+        curves = {
+            label["curve"].split(". ", 1)[1].split(" on ")[0]
+            for spec in chart_specs(root).values()
+            for label in spec.get("datasets", {}).get("curves", [])
+        }
+        return in_boards, curves
+
+    for args, expected in [
+        ((), scored),
+        (("--attack", "loss", "--attack", "confidence"), {"loss", "confidence"}),
+        (("--exclude-attack", "loss"), {"confidence", "adv_loss_gap"}),
+        (("--attack", "adv_loss_gap"), {"adv_loss_gap"}),
+    ]:
+        boards, curves = shown(*args)
+        assert boards == expected, args
+        assert curves and curves <= expected, args
+    for args, message in [
+        (
+            ("--attack", "nope"),
+            f"Error: --attack nope: not scored on these models in {report_store} "
+            "(scored attacks: adv_loss_gap, confidence, loss)",
+        ),
+        (
+            ("--exclude-attack", "loss", "--exclude-attack", "lss"),
+            f"Error: --exclude-attack lss: not scored on these models in {report_store} "
+            "(scored attacks: adv_loss_gap, confidence, loss)",
+        ),
+        (
+            ("--attack", "loss", "--exclude-attack", "loss"),
+            "Error: --attack / --exclude-attack leave no attack to report",
+        ),
+    ]:
+        result = runner.invoke(
+            main, ["report", "--db", str(report_store), "-o", str(tmp_path / "x.html"), *args]
+        )
+        assert result.exit_code == 1
+        assert result.output.strip().splitlines() == [message]
+    assert not (tmp_path / "x.html").exists()
+
+
 def test_static_export_writes_each_chart(report_store, tmp_path):
     result = CliRunner().invoke(
         main,
@@ -563,7 +628,7 @@ def _synthetic_module():
 
 
 def test_large_store_stays_small_and_caps_charts(tmp_path, monkeypatch):
-    from robmia_db.report import build as report_build
+    from robmia_db.report import queries as report_queries
 
     bench = _synthetic_module()
     db = tmp_path / "synthetic.duckdb"
@@ -585,7 +650,7 @@ def test_large_store_stays_small_and_caps_charts(tmp_path, monkeypatch):
     assert len(rows) == 20 and all(r.find_all("td", data_col="n_seeds")[0].text == "2" for r in rows)
     assert len([s for s in specs.values() if s.get("title", "").endswith("· width")]) == 4
 
-    monkeypatch.setattr(report_build, "MAX_MODEL_CHARTS", 6)
+    monkeypatch.setattr(report_queries, "MAX_MODEL_CHARTS", 6)
     root = parse(build_report(db, output=tmp_path / "t.html").read_text(encoding="utf-8"))
     assert len([s for s in chart_specs(root).values() if "roc_points" in s.get("datasets", {})]) == 6
     assert "Showing the first 6 of 20 configurations" in section(root, "roc").text

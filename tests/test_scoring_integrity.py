@@ -55,9 +55,20 @@ N_MODELS = 4
 TARGET = "half1"
 
 
-def _fleet(folder: Path, seed: int = 41, n_models: int = N_MODELS) -> tuple[Path, dict]:
+def _fleet(
+    folder: Path, seed: int = 41, n_models: int = N_MODELS, verified: bool = False
+) -> tuple[Path, dict]:
     db = folder / "fleet.duckdb"
     outputs = imported_population_outputs(seed, n_models=n_models)
+    if verified:
+        # a third perturbation, of kind verified, so attacks that need every kind have what they read
+        for i, model in enumerate(outputs.values()):
+            rng = np.random.default_rng(seed + 100 + i)
+            worst = model.logits["pgd"].astype(np.float64) + rng.normal(0.0, 0.3, model.logits["pgd"].shape)
+            worst[np.arange(len(model.labels)), model.labels] -= 1.0 + ~model.is_member
+            model.logits["ibp"] = worst.astype(np.float32)
+            model.kinds["ibp"] = "verified"
+            model.eps["ibp"] = 0.1
     import_synthetic(db, folder / "npz", outputs, dataset="shared")
     return db, outputs
 
@@ -99,7 +110,7 @@ def _permute_labels(db: Path, model_key: str, seed: int) -> np.ndarray:
 def fleet(tmp_path_factory: pytest.TempPathFactory):
     """The fleet scored with every built-in, and a copy where the target's labels were shuffled, re-scored."""
     folder = tmp_path_factory.mktemp("fleet")
-    db, outputs = _fleet(folder)
+    db, outputs = _fleet(folder, verified=True)
     _score_everything(db)
     keys = {r["model_name"]: r["model_key"] for r in query(db, "SELECT model_name, model_key FROM v_models")}
     permuted = folder / "permuted.duckdb"
@@ -594,3 +605,14 @@ def score(ctx, params):
             "trust": "trusted code (Python, runs with your rights)",
         }
     ]
+    from robmia_db.report import build_report
+
+    score_attacks(db, ["confidence"])
+    page = build_report(db, output=tmp_path / "report.html").read_text()
+    rows_html = {
+        line.split('"')[1]: line
+        for line in page.splitlines()
+        if line.startswith("<tr data-attack=") and "data-perturbation" not in line  # the attacks table
+    }
+    assert "Python: trusted code" in rows_html["side_effect"]
+    assert "trusted code" not in rows_html["confidence"]

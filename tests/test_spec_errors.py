@@ -15,19 +15,40 @@ from conftest import robmia
 
 from robmia_db.cli import main
 
-HEAD = '[experiment]\nname = "x"\n'
+EXPERIMENT = '[experiment]\nname = "x"\n'
+# [data] first, so that cases appending bare keys still add them to [experiment]
+HEAD = '[data]\ndataset = "digits"\n' + EXPERIMENT
+DATA = EXPERIMENT + "[data]\ndataset = 'digits'\n"
 
 # (id, TOML text, expected messages after "Error: FILE: "): a str is matched exactly, an re.Pattern fully
 # (used where the message lists a registry that other modules extend).
 CASES: list[tuple[str, str, list[str | re.Pattern]]] = [
     (
         "toml-syntax",
-        HEAD + "[data\ndataset = 'digits'\n",
+        EXPERIMENT + "[data\ndataset = 'digits'\n",
         [re.compile(r"invalid TOML: .+ \(at line 3, column \d+\)")],
     ),
     ("unknown-top-level", "bogus = 1\n" + HEAD, ["bogus: unknown key"]),
     ("unknown-experiment", HEAD + "colour = 'red'\n", ["experiment.colour: unknown key"]),
-    ("unknown-data", HEAD + "[data]\nfolder = 'a'\n", ["data.folder: unknown key"]),
+    ("unknown-data", DATA + "folder = 'a'\n", ["data.folder: unknown key"]),
+    (
+        "missing-data",
+        EXPERIMENT,
+        [
+            re.compile(
+                r'data\.dataset: required: name the dataset, e\.g\. \[data\] dataset = "digits" \(known: .*\)'
+            )
+        ],
+    ),
+    (
+        "missing-dataset",
+        EXPERIMENT + "[data]\nroot = 'a'\n",
+        [
+            re.compile(
+                r'data\.dataset: required: name the dataset, e\.g\. \[data\] dataset = "digits" \(known: .*\)'
+            )
+        ],
+    ),
     ("unknown-membership", HEAD + "[membership]\nnmembers = 3\n", ["membership.nmembers: unknown key"]),
     ("unknown-model", HEAD + "[model]\ndepth = 3\n", ["model.depth: unknown key"]),
     ("unknown-training", HEAD + "[training]\nepoch = 3\n", ["training.epoch: unknown key"]),
@@ -51,10 +72,14 @@ CASES: list[tuple[str, str, list[str | re.Pattern]]] = [
     ("unknown-attacks", HEAD + "[attacks]\nname = ['loss']\n", ["attacks.name: unknown key"]),
     ("unknown-runtime", HEAD + "[runtime]\ngpu = true\n", ["runtime.gpu: unknown key"]),
     ("missing-experiment", "[data]\ndataset = 'digits'\n", ["experiment: required key is missing"]),
-    ("experiment-not-table", "experiment = 'x'\n", ["experiment: must be a table (got 'x')"]),
+    (
+        "experiment-not-table",
+        "experiment = 'x'\n[data]\ndataset = 'digits'\n",
+        ["experiment: must be a table (got 'x')"],
+    ),
     (
         "bad-experiment-name",
-        "[experiment]\nname = 'has space'\n",
+        "[experiment]\nname = 'has space'\n[data]\ndataset = 'digits'\n",
         ["experiment.name: must be a name of letters, digits, '_', '.', '-' (got 'has space')"],
     ),
     ("negative-eps", HEAD + "[training]\neps = -0.03\n", ["training.eps: must be > 0 (got -0.03)"]),
@@ -121,11 +146,11 @@ CASES: list[tuple[str, str, list[str | re.Pattern]]] = [
     ),
     (
         "unknown-dataset",
-        HEAD + "[data]\ndataset = 'imagenet'\n",
+        EXPERIMENT + "[data]\ndataset = 'imagenet'\n",
         [re.compile(r"data\.dataset: unknown dataset 'imagenet' \(known: .*digits.*\)")],
     ),
-    ("n-train-zero", HEAD + "[data]\nn_train = 0\n", ["data.n_train: must be > 0 (got 0)"]),
-    ("negative-split-seed", HEAD + "[data]\nsplit_seed = -1\n", ["data.split_seed: must be >= 0 (got -1)"]),
+    ("n-train-zero", DATA + "n_train = 0\n", ["data.n_train: must be > 0 (got 0)"]),
+    ("negative-split-seed", DATA + "split_seed = -1\n", ["data.split_seed: must be >= 0 (got -1)"]),
     (
         "random-halves-with-n-members",
         HEAD + "[membership]\nscheme = 'random_halves'\nn_members = 100\n",
@@ -238,7 +263,7 @@ def test_check_prints_one_exact_line_per_error(tmp_path, text, expected):
 
 def test_toml_syntax_error_names_line_and_column(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text(HEAD + "[data\ndataset = 'digits'\n", encoding="utf-8")
+    path.write_text(EXPERIMENT + "[data\ndataset = 'digits'\n", encoding="utf-8")
     _, _, stderr = check(path)
     assert "line" in stderr and "column" in stderr
 
@@ -271,7 +296,11 @@ def test_good_file_passes_and_bad_file_beside_it_still_fails(write_spec, tmp_pat
     bad = tmp_path / "bad.toml"
     bad.write_text(HEAD + "[training]\nepochs = 0\n", encoding="utf-8")
     code, stdout, stderr = check(good)
-    assert code == 0 and stdout == f"{good}: ok (2 models)\n" and stderr == ""
+    assert code == 0 and stderr == ""
+    assert (
+        stdout
+        == f"{good}: ok (2 models)\n  data: digits (1,797 train): 200 members / 200 non-members per model\n"
+    )
     code, stdout, stderr = check(good, bad)
     assert code == 1
     assert stderr.splitlines() == [f"Error: {bad}: training.epochs: must be > 0 (got 0)"]

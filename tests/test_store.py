@@ -43,6 +43,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("is_member", "BOOLEAN"), ("perturbation", "VARCHAR"), ("kind", "VARCHAR"), ("eps", "DOUBLE"),
         ("signal_key", "VARCHAR"), ("loss", "DOUBLE"), ("confidence", "FLOAT"), ("margin", "DOUBLE"),
         ("entropy", "DOUBLE"), ("mentropy", "DOUBLE"), ("is_correct", "BOOLEAN"), ("probs", "FLOAT[]"),
+        ("confidence_logit", "DOUBLE"),
     ],
     "v_perturbations": [
         ("signal_key", "VARCHAR"), ("model_key", "VARCHAR"), ("model_name", "VARCHAR"), ("perturbation", "VARCHAR"),
@@ -75,6 +76,12 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("n_reference_models", "INTEGER"),
         ("tp_at_best", "BIGINT"), ("fp_at_best", "BIGINT"), ("auc_numerator2", "HUGEINT"),
         ("attack_key", "VARCHAR"), ("inputs_key", "VARCHAR"), ("seconds", "DOUBLE"), ("created_at", TS),
+        # issue 10: bootstrap intervals
+        ("balanced_accuracy_ci_low", "DOUBLE"), ("balanced_accuracy_ci_high", "DOUBLE"),
+        ("auc_ci_low", "DOUBLE"), ("auc_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_0_ci_low", "DOUBLE"), ("tpr_at_fpr_0_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_1e3_ci_low", "DOUBLE"), ("tpr_at_fpr_1e3_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_1e2_ci_low", "DOUBLE"), ("tpr_at_fpr_1e2_ci_high", "DOUBLE"), ("ci_resamples", "INTEGER"),
     ],
     "v_fleet_metrics": [
         ("attack", "VARCHAR"), ("attack_title", "VARCHAR"), ("perturbation", "VARCHAR"), ("kind", "VARCHAR"),
@@ -96,10 +103,21 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("origin", "VARCHAR"), ("source_path", "VARCHAR"), ("params", "JSON"), ("needs", "JSON"),
         ("decision_threshold", "DOUBLE"), ("nonfinite", "VARCHAR"), ("created_at", TS),
     ],
+    "v_configurations": [
+        ("experiment", "VARCHAR"), ("dataset", "VARCHAR"), ("arch", "VARCHAR"), ("width", "DOUBLE"),
+        ("defense", "VARCHAR"), ("eps", "DOUBLE"), ("attack", "VARCHAR"), ("perturbation", "VARCHAR"),
+        ("kind", "VARCHAR"), ("perturbation_eps", "DOUBLE"), ("n_seeds", "BIGINT"), ("seeds", "INTEGER[]"),
+        ("balanced_accuracy_mean", "DOUBLE"), ("balanced_accuracy_sd", "DOUBLE"),
+        ("balanced_accuracy_ci_low", "DOUBLE"), ("balanced_accuracy_ci_high", "DOUBLE"),
+        ("auc_mean", "DOUBLE"), ("auc_sd", "DOUBLE"), ("auc_ci_low", "DOUBLE"), ("auc_ci_high", "DOUBLE"),
+        ("tpr_at_fpr_1e2_mean", "DOUBLE"), ("tpr_at_fpr_1e2_sd", "DOUBLE"),
+        ("tpr_at_fpr_1e2_ci_low", "DOUBLE"), ("tpr_at_fpr_1e2_ci_high", "DOUBLE"),
+    ],
     "signals": [
         ("signal_key", "VARCHAR"), ("model_key", "VARCHAR"), ("example_id", "INTEGER"), ("label", "INTEGER"),
         ("is_member", "BOOLEAN"), ("loss", "DOUBLE"), ("confidence", "FLOAT"), ("margin", "DOUBLE"),
         ("entropy", "DOUBLE"), ("mentropy", "DOUBLE"), ("is_correct", "BOOLEAN"), ("probs", "FLOAT[]"),
+        ("confidence_logit", "DOUBLE"),
     ],
 }  # fmt: skip
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from robmia_db.attacks.definition import AttackDefinition
+from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
 from robmia_db.attacks.metrics import calibrated_balanced_accuracy, compute_metrics, reference_metrics
 from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.errors import RobmiaError
@@ -76,6 +77,7 @@ def write_results(
     considered: set[str],
     references: dict[str, list[str]],
     recipes: dict[str, str],
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> None:
     attack_key = attack.attack_key
     now = datetime.now(timezone.utc)
@@ -119,6 +121,8 @@ def write_results(
         )
         if all_scores is not None and all_scores.num_rows:
             _insert_scores_and_metrics(con, attack, all_scores, len(units), seconds, now)
+            # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
+            write_intervals(con, attack.name, attack_key, resamples)
             if os.environ.get(FAULT_ENV) == "score:before-calibration":
                 raise RobmiaError(f"injected fault ({FAULT_ENV}): between metrics and calibration")
             _calibrate(con, attack, references)

@@ -21,6 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from robmia_db.attacks.definition import AttackDefinition, parse_attack
+from robmia_db.attacks.intervals import DEFAULT_RESAMPLES
 from robmia_db.attacks.planning import (
     ScoreUnit,
     StoreState,
@@ -169,12 +170,14 @@ def score_attacks(
     replace: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> list[AttackOutcome]:
     """Score attacks (names or file paths; default: every registered and every stored attack) on every model.
 
     Only (attack, model, perturbation) triples whose attack source or input signals changed are computed,
     unless `force`. Attacks needing reference models are skipped, with the reason recorded, where none exist.
     `replace` lets a user attack take the name of a built-in or of a stored attack from another file.
+    `resamples` bootstrap replicates give each metric's interval (0: none).
     """
     db_path = Path(db_path)
     reporter = reporter or SilentScoreReporter()
@@ -250,7 +253,7 @@ def score_attacks(
                 db_path, attack, todo, inputs_keys, results, nonfinite, skipped, names,
                 time.perf_counter() - started,
                 set(model_filter) if model_filter is not None else set(state.models),
-                references, recipes,
+                references, recipes, resamples,
             )  # fmt: skip
         outcome.scored = len(todo)
         outcome.seconds = time.perf_counter() - started

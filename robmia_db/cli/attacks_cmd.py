@@ -79,10 +79,26 @@ def attacks_command(attack_paths: tuple[str, ...], verbose: bool, replace: bool)
 @click.option(
     "--memory-limit", default="4GB", show_default=True, help="DuckDB memory limit of the attack sandbox."
 )
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Stratified bootstrap replicates for the metrics' 95% intervals (0: no intervals).",
+)
 @db_option
 @handle_errors
 def score_command(
-    attack_names, attack_paths, spec_paths, model_names, params, force, replace, timeout_s, memory_limit
+    attack_names,
+    attack_paths,
+    spec_paths,
+    model_names,
+    params,
+    force,
+    replace,
+    timeout_s,
+    memory_limit,
+    resamples,
 ) -> None:
     """Score attacks on every stored model, once per perturbation; only missing or stale pairs run.
 
@@ -131,6 +147,7 @@ def score_command(
     outcomes = score_attacks(
         get_state().db_path, attack_names or None, attack_paths, overrides, force,
         list(model_names) or None, Echo(), replace=replace, timeout_s=timeout_s, memory_limit=memory_limit,
+        resamples=resamples,
     )  # fmt: skip
     click.echo(
         f"{sum(o.scored for o in outcomes)} (attack, model, perturbation) scored; "

@@ -13,9 +13,17 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
 @click.argument("specs", nargs=-1, type=click.Path())
 @click.option("--expand", is_flag=True, help="List the models and perturbations each spec expands into.")
 @click.option("--explain", is_flag=True, help="Print every spec key with its default and meaning.")
+@click.option(
+    "--no-data",
+    is_flag=True,
+    help="Skip counting each dataset's examples (then member counts are not checked against the data).",
+)
 @handle_errors
-def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
+def check_command(specs: tuple[str, ...], expand: bool, explain: bool, no_data: bool) -> None:
     """Validate spec files; print every error of every file as `file: key: message`.
+
+    Also counts each dataset's examples (from file headers and names; no image is decoded) and applies
+    every model's membership rule to them, so `n_members` larger than the data fails here, not in `run`.
 
     Example: robmia-db check specs/quickstart.toml --expand
     """
@@ -30,8 +38,20 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
     from robmia_db.spec import load_specs
 
     loaded = load_specs(list(specs))
+    lines: dict[str, list[str]] = {}
+    if not no_data:
+        from robmia_db.errors import SpecErrors
+        from robmia_db.runner.data import check_data
+
+        checks = check_data(loaded)
+        errors = [error for check in checks for error in check.errors]
+        if errors:
+            raise SpecErrors(errors)
+        lines = {str(check.path): check.lines for check in checks}
     for item in loaded:
         click.echo(f"{item.path}: ok ({len(item.jobs)} model{'s' if len(item.jobs) != 1 else ''})")
+        for line in lines.get(str(item.path), ["data: not checked (--no-data)"]):
+            click.echo(f"  {line}")
         if expand:
             for job in item.jobs:
                 click.echo(f"  {job.model_key}  {job.model_name}")
@@ -43,26 +63,80 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool) -> None:
 @main.command("run")
 @click.argument("specs", nargs=-1, required=True, type=click.Path())
 @db_option
-@click.option("--dry-run", is_flag=True, help="Validate and show what would be trained, without training.")
-@click.option("--threads", type=click.IntRange(1, 256), help="torch threads (default: the spec's, else 1).")
 @click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the spec's runtime.device."
+    "--dry-run", is_flag=True, help="Validate and show what would be trained, with a time estimate."
 )
+@click.option(
+    "--threads", type=click.IntRange(1, 256), help="torch threads per model (default: the spec's, else 1)."
+)
+@click.option(
+    "--device", help="auto, cpu, cuda or cuda:N (one chosen GPU); overrides the spec's runtime.device."
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: one model after the other here; ray: one Ray task per model (pip install 'robmia-db[ray]').",
+)
+@click.option("--address", help="Ray: join this cluster ('auto' or host:port) instead of starting one here.")
+@click.option("--cpus-per-model", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Ray: CPUs reserved per model.")  # fmt: skip
+@click.option("--gpus-per-model", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Ray: GPUs per model; fractional shares a GPU (0.25 = four models per GPU).")  # fmt: skip
+@click.option("--max-parallel", type=click.IntRange(1), help="Ray: at most this many models at once.")
+@click.option("--max-retries", type=click.IntRange(0), default=3, show_default=True,
+              help="Ray: retries of a model whose worker died (a model that raises is not retried).")  # fmt: skip
+@click.option("--handoff", type=click.Choice(["object", "shared"]), default="object", show_default=True,
+              help="Ray: results back through the object store, or via files next to the store (shared FS).")  # fmt: skip
 @handle_errors
-def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, device: str | None) -> None:
+def run_command(
+    specs: tuple[str, ...],
+    dry_run: bool,
+    threads: int | None,
+    device: str | None,
+    executor: str,
+    address: str | None,
+    cpus_per_model: float,
+    gpus_per_model: float,
+    max_parallel: int | None,
+    max_retries: int,
+    handoff: str,
+) -> None:
     """Train what the store lacks and record per-sample signals; skip what exists.
 
     Models that fail are recorded as failed and the run goes on; the exit code is 1 if any failed.
+    With --executor ray each model is one Ray task; this process alone writes the store, one transaction
+    per finished model, so sql/score/report work during the run.
 
-    Example: robmia-db run specs/quickstart.toml --db robmia.duckdb
+    Example: robmia-db run specs/quickstart.toml --executor ray --max-parallel 2
     """
     from robmia_db.spec import load_specs
 
+    ray_flags = {
+        "--address": address, "--max-parallel": max_parallel,
+        "--cpus-per-model": cpus_per_model != 1.0, "--gpus-per-model": gpus_per_model != 0.0,
+        "--max-retries": max_retries != 3, "--handoff": handoff != "object",
+    }  # fmt: skip
+    if executor != "ray":
+        given = [flag for flag, value in ray_flags.items() if value]
+        if given:
+            raise click.UsageError(f"{given[0]} applies to --executor ray only")
     loaded = load_specs(list(specs))  # report spec errors before paying for the torch import
 
     from robmia_db.cli.progress import RichReporter, print_summary
-    from robmia_db.runner.executor import run_specs
+    from robmia_db.runner.executor import RayOptions, run_specs
 
+    ray_options = None
+    if executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # found, not imported: only the Ray executor imports it
+            raise click.UsageError("--executor ray needs Ray: pip install 'robmia-db[ray]'")
+        ray_options = RayOptions(
+            address=address, cpus_per_model=cpus_per_model, gpus_per_model=gpus_per_model,
+            max_parallel=max_parallel, max_retries=max_retries, handoff=handoff,
+        )  # fmt: skip
     state = get_state()
     reporter = RichReporter()
     with reporter:
@@ -74,8 +148,10 @@ def run_command(specs: tuple[str, ...], dry_run: bool, threads: int | None, devi
             device=device,
             dry_run=dry_run,
             loaded=loaded,
+            executor=executor,
+            ray_options=ray_options,
         )
-    print_summary(summary, dry_run=dry_run)
+    print_summary(summary, dry_run=dry_run, estimates=reporter.estimates if dry_run else None)
     if summary.failed:
         sys.exit(1)
 

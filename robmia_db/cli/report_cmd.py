@@ -21,8 +21,22 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
     type=click.Choice(["png", "svg"]),
     help="Also write every chart as PNG or SVG into <page>-charts/ beside the page.",
 )
+@click.option("--attack", "attacks", multiple=True, metavar="NAME", help="Only this attack (repeatable).")
+@click.option(
+    "--exclude-attack",
+    "exclude_attacks",
+    multiple=True,
+    metavar="NAME",
+    help="Leave this attack out (repeatable).",
+)
 @handle_errors
-def report_command(output: str | None, experiment: str | None, static: str | None) -> None:
+def report_command(
+    output: str | None,
+    experiment: str | None,
+    static: str | None,
+    attacks: tuple[str, ...],
+    exclude_attacks: tuple[str, ...],
+) -> None:
     """Write a self-contained HTML report (works offline) and print its path.
 
     Sections: overview, the paper's table per dataset, attack leaderboard, ROC curves, confidence/loss
@@ -35,5 +49,12 @@ def report_command(output: str | None, experiment: str | None, static: str | Non
 
     if experiment is not None:
         check_experiment(get_state().db_path, experiment)
-    path = build_report(get_state().db_path, output=output, experiment=experiment, static=static)
+    path = build_report(
+        get_state().db_path,
+        output=output,
+        experiment=experiment,
+        static=static,
+        attacks=list(attacks) or None,
+        exclude_attacks=list(exclude_attacks) or None,
+    )
     click.echo(str(path))

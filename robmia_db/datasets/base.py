@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,10 +69,21 @@ class DatasetInfo:
     description: str
     expected_files: str = ""
     loader_version: int = 1
+    # split sizes from file headers or names alone, so `check` can test membership sizes without decoding
+    # images; None loads the dataset instead (cheap for the embedded one)
+    counter: Callable[..., dict[str, int]] | None = None
+    # folder names looked for under $ROBMIA_DATA besides `name` (the names the data is distributed under)
+    folder_names: tuple[str, ...] = ()
 
 
 DATASETS: dict[str, DatasetInfo] = {}
-_BUILTIN_MODULES = ("robmia_db.datasets.digits", "robmia_db.datasets.files")
+_BUILTIN_MODULES = (
+    "robmia_db.datasets.digits",
+    "robmia_db.datasets.idx",
+    "robmia_db.datasets.npz",
+    "robmia_db.datasets.cifar10",
+    "robmia_db.datasets.yale",
+)
 _loaded_builtins = False
 
 
@@ -106,18 +118,22 @@ def get_dataset_info(name: str) -> DatasetInfo:
 
 
 def resolve_root(name: str, root: str | Path | None) -> Path | None:
-    """The folder to read `name` from: the spec's `data.root`, else $ROBMIA_DATA/<name>, else $ROBMIA_DATA."""
+    """The folder to read `name` from: the spec's `data.root`, else $ROBMIA_DATA/<name> (or one of the
+    dataset's usual folder names, e.g. `extended-yale-b-cropped`), else $ROBMIA_DATA."""
     if root is not None:
         return Path(root).expanduser()
     env = os.environ.get(DATA_ROOT_ENV)
     if not env:
         return None
     base = Path(env).expanduser()
-    return base / name if (base / name).exists() else base
+    folders = (name, *get_dataset_info(name).folder_names) if name in DATASETS else (name,)
+    for folder in folders:
+        if (base / folder).exists():
+            return base / folder
+    return base
 
 
-def load_dataset(name: str, root: str | Path | None = None, **options) -> LoadedDataset:
-    """Load a registered dataset; raises DatasetError with a one-line, actionable message."""
+def _resolved(name: str, root: str | Path | None) -> tuple[DatasetInfo, Path | None]:
     info = get_dataset_info(name)
     resolved = resolve_root(name, root)
     if info.needs_root and resolved is None:
@@ -125,16 +141,39 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Loaded
             f"dataset {name!r} needs its files: set data.root in the spec or {DATA_ROOT_ENV}"
             + (f" ({info.expected_files})" if info.expected_files else "")
         )
+    return info, resolved
+
+
+def _call(name: str, function: Callable[..., Any], root: Path | None, options: dict[str, Any]) -> Any:
     try:
-        dataset = info.loader(resolved, **options)
+        return function(root, **options)
     except TypeError as exc:
         if "unexpected keyword argument" not in str(exc):
             raise
         raise DatasetError(
             f"dataset {name!r} takes no option {str(exc).split('argument')[-1].strip()}"
         ) from None
+
+
+def load_dataset(name: str, root: str | Path | None = None, **options) -> LoadedDataset:
+    """Load a registered dataset; raises DatasetError with a one-line, actionable message."""
+    info, resolved = _resolved(name, root)
+    dataset = _call(name, info.loader, resolved, options)
     _check_loaded(dataset)
     return dataset
+
+
+def count_dataset(name: str, root: str | Path | None = None, **options) -> dict[str, int]:
+    """Examples per origin split ({"train": n, "test": m}) as `load_dataset` would give them, read from
+    file headers or file names where the format allows (no image is decoded), else by loading.
+
+    Raises:
+        DatasetError: as `load_dataset` would for missing files, unknown options or inconsistent counts.
+    """
+    info, resolved = _resolved(name, root)
+    if info.counter is None:
+        return _call(name, info.loader, resolved, options).split_counts()
+    return _call(name, info.counter, resolved, options)
 
 
 def _check_loaded(ds: LoadedDataset) -> None:

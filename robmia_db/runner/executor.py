@@ -15,19 +15,27 @@ import socket
 import subprocess
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import torch
 
 from robmia_db.datasets import LoadedDataset, load_dataset
 from robmia_db.errors import RobmiaError, SpecError, SpecErrors
 from robmia_db.runner.data import MembershipSplit, examples_table, split_membership
 from robmia_db.runner.defenses import TrainProgress, build_defense
-from robmia_db.runner.models import build_model, load_checkpoint, save_checkpoint
+from robmia_db.runner.models import (
+    build_model,
+    checkpoint_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    write_atomically,
+)
 from robmia_db.runner.signals import compute_signal_columns
 from robmia_db.spec import LoadedSpec, ModelJob, PerturbationJob, load_specs
 from robmia_db.store import ingest
@@ -45,6 +53,18 @@ class Reporter(Protocol):
         self, job: ModelJob, perturbation: PerturbationJob, index: int, total: int
     ) -> None: ...
     def model_finished(self, outcome: ModelOutcome) -> None: ...
+
+    # Optional (called only when a reporter defines them, so older reporters keep working):
+    #   run_context(parallel: int, estimates: dict[model_key, seconds | None]) before the first model
+    #     (parallel 0: not known yet); set_parallel(n) once an executor knows how many models run at once;
+    #   training_resumed(job, epoch, epochs) when a partial checkpoint is used.
+
+
+def notify(reporter: Reporter, event: str, *args: Any) -> None:
+    """Call one of the reporter's optional methods if it has it."""
+    method = getattr(reporter, event, None)
+    if method is not None:
+        method(*args)
 
 
 class SilentReporter:
@@ -111,11 +131,24 @@ def _package_versions() -> dict[str, str]:
 
 
 def resolve_device(requested: str | None) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` (one chosen GPU); a GPU that is not there is an error, not a fallback."""
     if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RobmiaError("runtime.device = 'cuda' but no CUDA device is available")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as exc:
+        raise RobmiaError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise RobmiaError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RobmiaError(f"device {requested!r}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RobmiaError(
+                f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+    return device
 
 
 class DatasetCache:
@@ -256,6 +289,7 @@ def train_model(
     order = torch.Generator(device="cpu").manual_seed(training["seed"])
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    elapsed_before = 0.0  # training seconds spent before an interruption, kept across resumes
     if partial_path is not None and partial_path.exists():
         state = torch.load(partial_path, map_location=device, weights_only=True)
         if state.get("model_key") == job.model_key:
@@ -267,7 +301,10 @@ def train_model(
             torch.set_rng_state(state["torch_rng"])
             history = list(state["history"])
             start_epoch = int(state["epoch"]) + 1
+            elapsed_before = float(state.get("elapsed_seconds", 0.0))
+            notify(reporter, "training_resumed", job, start_epoch, epochs)
     last_save = time.monotonic()
+    resumed_at = time.perf_counter()
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -290,7 +327,13 @@ def train_model(
         sizes = torch.full((len(batch_losses),), float(batch_size), device=device)
         sizes[-1] = n - batch_size * (len(batch_losses) - 1)
         epoch_loss = float((torch.stack(batch_losses) * sizes).sum()) / n
-        stats = {"epoch": epoch + 1, "loss": epoch_loss, "seconds": time.perf_counter() - started}
+        now = time.perf_counter()
+        stats = {
+            "epoch": epoch + 1,
+            "loss": epoch_loss,
+            "seconds": now - started,
+            "elapsed_seconds": elapsed_before + now - resumed_at,
+        }
         stats.update(defense.describe_epoch(TrainProgress(epoch, step, steps_per_epoch, epochs)))
         history.append(stats)
         reporter.epoch_done(job, epoch + 1, epochs, stats)
@@ -299,12 +342,12 @@ def train_model(
             and epoch + 1 < epochs
             and time.monotonic() - last_save > PARTIAL_SAVE_INTERVAL_S
         ):
-            _save_partial(partial_path, job, model, optimizer, scheduler, order, epoch, history)
+            _save_partial(partial_path, job, model, optimizer, scheduler, order, epoch, history, stats)
             last_save = time.monotonic()
     return model.eval(), history
 
 
-def _save_partial(path, job, model, optimizer, scheduler, order, epoch, history) -> None:
+def _save_partial(path, job, model, optimizer, scheduler, order, epoch, history, stats) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(
@@ -317,6 +360,7 @@ def _save_partial(path, job, model, optimizer, scheduler, order, epoch, history)
             "torch_rng": torch.get_rng_state(),
             "epoch": epoch,
             "history": history,
+            "elapsed_seconds": stats["elapsed_seconds"],
         },
         tmp,
     )
@@ -338,42 +382,74 @@ def _model_record(job, dataset, split, checkpoint, provenance, started_at, train
     )  # fmt: skip
 
 
-def execute_job(
+@dataclass
+class ModelResult:
+    """Everything one model produced, ready for the driver's single write transaction.
+
+    A worker (this process, or a Ray task on another machine) builds it; only the driver writes the store.
+    `checkpoint_bytes` is set when the worker hands the checkpoint over instead of writing
+    `checkpoint_path` itself (a worker without the driver's filesystem).
+    """
+
+    job: ModelJob
+    action: str
+    record: ingest.ModelRecord
+    membership: pa.Table | None
+    examples: pa.Table | None
+    perturbations: list[ingest.PerturbationRecord]
+    accuracies: dict[str, float | None]
+    checkpoint_path: Path
+    checkpoint_bytes: bytes | None = None
+    seconds: float = 0.0
+
+
+def compute_model(
     job: ModelJob,
     action: str,
     existing_signal_keys: set[str],
-    db_path: Path,
-    datasets: DatasetCache,
+    dataset: LoadedDataset,
+    checkpoints: Path,
     device: torch.device,
     reporter: Reporter,
     provenance: tuple,
     eval_batch_size: int,
-) -> ModelOutcome:
+    *,
+    dataset_checksum: str | None = None,
+    prior_checkpoint: bytes | None = None,
+    checkpoint_as_bytes: bool = False,
+) -> ModelResult:
+    """Train one model (or load its checkpoint) and compute its signals; writes nothing to the store.
+
+    `prior_checkpoint` is a finished checkpoint the driver already holds (models that only need new
+    perturbations, or a checkpoint stored before a kill); without it the checkpoint folder is looked at.
+    With `checkpoint_as_bytes` the new checkpoint is returned, not written, and the partial checkpoint is
+    left for the driver to remove once the final one is safely on its disk.
+    """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
-    dataset = datasets.get(job)
     split = split_membership(dataset, job.identity)
-    checkpoints = checkpoint_dir(db_path)
     checkpoint = checkpoints / f"{job.model_key}.pt"
     train_seconds = None
     history: list[dict[str, Any]] = []
-    if action == "train" and not checkpoint.exists():
+    content = None
+    if action == "train" and prior_checkpoint is None and not checkpoint.exists():
         partial = checkpoints / f"{job.model_key}.partial.pt"
         t0 = time.perf_counter()
         model, history = train_model(job, dataset, split, device, reporter, partial)
-        train_seconds = time.perf_counter() - t0
-        save_checkpoint(
-            checkpoint,
-            model,
-            {
-                "arch": job.arch, "input_shape": list(dataset.input_shape), "n_classes": dataset.n_classes,
-                "width": job.width, "options": job.identity["model"]["options"], "model_key": job.model_key,
-            },
-        )  # fmt: skip
-        partial.unlink(missing_ok=True)
+        # the time before an interruption counts: a resumed model reports its whole training time
+        train_seconds = max(time.perf_counter() - t0, history[-1]["elapsed_seconds"] if history else 0.0)
+        meta = {
+            "arch": job.arch, "input_shape": list(dataset.input_shape), "n_classes": dataset.n_classes,
+            "width": job.width, "options": job.identity["model"]["options"], "model_key": job.model_key,
+        }  # fmt: skip
+        if checkpoint_as_bytes:
+            content = checkpoint_bytes(model, meta)
+        else:
+            save_checkpoint(checkpoint, model, meta)
+            partial.unlink(missing_ok=True)
     else:
         # a finished checkpoint without its store rows (killed between the two) is reused, not retrained
-        model, _ = load_checkpoint(checkpoint, device)
+        model, _ = load_checkpoint(prior_checkpoint if prior_checkpoint is not None else checkpoint, device)
     wanted = [p for p in job.perturbations if action == "train" or p.signal_key not in existing_signal_keys]
     ids = split.evaluated_ids
     is_member = split.is_member
@@ -397,16 +473,127 @@ def execute_job(
     model_record = _model_record(
         job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device
     )
-    model_record.dataset_checksum = datasets.checksum(dataset)
+    model_record.dataset_checksum = dataset_checksum
+    return ModelResult(
+        job=job,
+        action=action,
+        record=model_record,
+        membership=split.table() if action == "train" else None,
+        examples=examples_table(dataset, ids) if action == "train" else None,
+        perturbations=records,
+        accuracies=accuracies,
+        checkpoint_path=checkpoint,
+        checkpoint_bytes=content,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def store_result(db_path: Path, result: ModelResult) -> ModelOutcome:
+    """The driver's part: the checkpoint onto its disk first, then the model's rows in one transaction.
+
+    In that order a kill between the two leaves a checkpoint without rows, which the rerun reuses.
+    """
+    started = time.perf_counter()
+    if result.checkpoint_bytes is not None:
+        write_atomically(result.checkpoint_path, result.checkpoint_bytes)
+        result.checkpoint_path.with_name(f"{result.job.model_key}.partial.pt").unlink(missing_ok=True)
     with writing(db_path) as con:
-        ingest.write_model(
-            con,
-            model_record,
-            split.table() if action == "train" else None,
-            examples_table(dataset, ids) if action == "train" else None,
-            records,
-        )
-    return ModelOutcome(job, action, time.perf_counter() - started, accuracies=accuracies)
+        ingest.write_model(con, result.record, result.membership, result.examples, result.perturbations)
+    seconds = result.seconds + time.perf_counter() - started
+    return ModelOutcome(result.job, result.action, seconds, accuracies=result.accuracies)
+
+
+def failure_text(exc: BaseException) -> tuple[str, str]:
+    """The one-line message and the (tail of the) traceback recorded for a failed model."""
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return message, "".join(traceback.format_exception(exc))[-4000:]
+
+
+def store_failure(
+    db_path: Path,
+    job: ModelJob,
+    exc: BaseException | tuple[str, str],
+    provenance: tuple,
+    device: torch.device | str,
+) -> ModelOutcome:
+    """Record a model that failed for its own reasons, with its traceback; the run goes on.
+
+    `exc` is the exception, or (message, traceback text) when it was raised in another process.
+    """
+    message, error = exc if isinstance(exc, tuple) else failure_text(exc)
+    record = _model_record(job, None, None, None, provenance, None, None, [], device)
+    record.error = error
+    try:
+        with writing(db_path) as con:
+            ingest.write_failed_model(con, record)
+    except RobmiaError:
+        pass
+    return ModelOutcome(job, "failed", error=message)
+
+
+@dataclass
+class RayOptions:
+    """How `--executor ray` runs models: one Ray task per model, results handed back to this driver.
+
+    `handoff = "object"` returns rows and checkpoint through Ray's object store (works without a shared
+    filesystem); `"shared"` has each task write them under the store's folders, which must then be
+    reachable from every worker (measured in benchmarks/bench_executor.py).
+    """
+
+    address: str | None = None  # None: start a local Ray cluster; "auto" or host:port: join one
+    cpus_per_model: float = 1.0
+    gpus_per_model: float = 0.0  # fractional: 0.25 puts four models on one GPU
+    max_parallel: int | None = None
+    max_retries: int = 3  # retries of a task whose worker died (Ray's system-failure retries)
+    handoff: str = "object"
+    num_cpus: int | None = None  # of a local cluster started here (default: Ray's, all cores)
+
+
+@dataclass
+class ModelTask:
+    """One model to produce, as the driver hands it to an executor."""
+
+    index: int
+    job: ModelJob
+    action: str
+    existing_signal_keys: set[str]
+    eval_batch_size: int
+
+
+@dataclass
+class RunContext:
+    """What every task of a run shares."""
+
+    db_path: Path
+    datasets: DatasetCache
+    device: torch.device
+    provenance: tuple
+    threads: int
+    reporter: Reporter
+    total: int
+
+
+def run_local(tasks: list[ModelTask], context: RunContext) -> list[ModelOutcome]:
+    """Today's executor: one model after the other in this process."""
+    outcomes = []
+    for task in tasks:
+        job = task.job
+        context.reporter.model_started(job, task.index, context.total, task.action)
+        try:
+            dataset = context.datasets.get(job)
+            result = compute_model(
+                job, task.action, task.existing_signal_keys, dataset, checkpoint_dir(context.db_path),
+                context.device, context.reporter, context.provenance, task.eval_batch_size,
+                dataset_checksum=context.datasets.checksum(dataset),
+            )  # fmt: skip
+            outcome = store_result(context.db_path, result)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one model's failure must not stop the others
+            outcome = store_failure(context.db_path, job, exc, context.provenance, context.device)
+        context.reporter.model_finished(outcome)
+        outcomes.append(outcome)
+    return outcomes
 
 
 def _stored_state(db_path: Path, jobs: list[ModelJob]) -> dict[str, dict[str, Any]]:
@@ -418,6 +605,22 @@ def _stored_state(db_path: Path, jobs: list[ModelJob]) -> dict[str, dict[str, An
         return ingest.existing_models(con, [job.model_key for job in jobs])
 
 
+def _announce(
+    reporter: Reporter, db_path: Path, jobs: list[ModelJob], actions: dict[str, str], parallel: int
+):
+    """The plan, then (for reporters that show an ETA) estimates from similar models already stored."""
+    reporter.plan(jobs, actions)
+    if getattr(reporter, "run_context", None) is None:
+        return
+    from robmia_db.runner.progress import estimate_from_store
+
+    try:
+        estimates = estimate_from_store(db_path, jobs, actions)
+    except RobmiaError:  # an estimate is a nicety: a busy or old store must not stop the run
+        estimates = {}
+    notify(reporter, "run_context", parallel, estimates)
+
+
 def run_specs(
     paths: list[str | Path],
     db_path: str | Path,
@@ -426,12 +629,27 @@ def run_specs(
     device: str | None = None,
     dry_run: bool = False,
     loaded: list[LoadedSpec] | None = None,
+    executor: str = "local",
+    ray_options: RayOptions | None = None,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> RunSummary:
     """Run specs into a store: validate all, then train and record what the store lacks.
 
     Raises SpecErrors before any work if any spec is invalid or its data is missing. A model that fails
     is recorded as failed and the run goes on; callers check `summary.failed`.
+
+    Args:
+        executor: "local" (one model after the other here) or "ray" (one Ray task per model; see
+            `RayOptions`). Either way this process alone writes the store, one transaction per model.
+        progress: `callback(event, snapshot)` for notebooks (see `runner.progress.CallbackReporter`);
+            used when no `reporter` is given.
     """
+    if executor not in ("local", "ray"):
+        raise RobmiaError(f"executor {executor!r}: expected local or ray")
+    if reporter is None and progress is not None:
+        from robmia_db.runner.progress import CallbackReporter
+
+        reporter = CallbackReporter(progress)
     reporter = reporter or SilentReporter()
     db_path = Path(db_path)
     loaded = loaded if loaded is not None else load_specs(paths)
@@ -453,12 +671,22 @@ def run_specs(
         (item.spec.runtime.threads for item in loaded if item.spec.runtime.threads), None
     )
     torch.set_num_threads(thread_count or 1)
-    torch_device = resolve_device(device or loaded[0].spec.runtime.device)
+    if executor == "ray":
+        ray_options = ray_options or RayOptions()
+        if device not in (None, "auto", "cpu"):
+            raise RobmiaError(
+                f"--device {device}: under --executor ray each task gets its GPU from Ray; "
+                "use --gpus-per-model (e.g. 0.25 to share one GPU between four models)"
+            )
+        torch_device = torch.device("cpu")  # the driver's; each task resolves its own
+    else:
+        torch_device = resolve_device(device or loaded[0].spec.runtime.device)
+    parallel = 1 if executor == "local" else (ray_options.max_parallel or 0)
 
     if dry_run:
         existing = _stored_state(db_path, jobs)
         actions = plan_actions(jobs, existing)
-        reporter.plan(jobs, actions)
+        _announce(reporter, db_path, jobs, actions, parallel)
         return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs])
 
     outcomes: list[ModelOutcome] = []
@@ -466,7 +694,7 @@ def run_specs(
         # planned under the lock: a run that finished meanwhile is seen, and a refused run prints no plan
         existing = _stored_state(db_path, jobs)
         actions = plan_actions(jobs, existing)
-        reporter.plan(jobs, actions)
+        _announce(reporter, db_path, jobs, actions, parallel)
         with writing(db_path) as con:
             for item in loaded:
                 ingest.upsert_experiment(
@@ -486,29 +714,27 @@ def run_specs(
                             )
         git_commit, git_dirty = _git_provenance()
         provenance = (git_commit, git_dirty, _package_versions())
+        tasks = []
         for index, job in enumerate(jobs):
             action = actions[job.model_key]
-            reporter.model_started(job, index, len(jobs), action)
             if action == "skip":
+                reporter.model_started(job, index, len(jobs), action)
                 outcome = ModelOutcome(job, "skip")
-            else:
-                try:
-                    outcome = execute_job(
-                        job, action, existing.get(job.model_key, {}).get("signal_keys", set()), db_path, datasets,
-                        torch_device, reporter, provenance, int(job.runtime.get("eval_batch_size") or 512),
-                    )  # fmt: skip
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as exc:  # one model's failure must not stop the others
-                    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                    outcome = ModelOutcome(job, "failed", error=message)
-                    record = _model_record(job, None, None, None, provenance, None, None, [], torch_device)
-                    record.error = "".join(traceback.format_exception(exc))[-4000:]
-                    try:
-                        with writing(db_path) as con:
-                            ingest.write_failed_model(con, record)
-                    except RobmiaError:
-                        pass
-            reporter.model_finished(outcome)
-            outcomes.append(outcome)
+                reporter.model_finished(outcome)
+                outcomes.append(outcome)
+                continue
+            signal_keys = existing.get(job.model_key, {}).get("signal_keys", set())
+            eval_batch_size = int(job.runtime.get("eval_batch_size") or 512)
+            tasks.append(ModelTask(index, job, action, signal_keys, eval_batch_size))
+        context = RunContext(
+            db_path, datasets, torch_device, provenance, thread_count or 1, reporter, len(jobs)
+        )
+        if executor == "ray":
+            from robmia_db.runner import ray_executor
+
+            outcomes += ray_executor.run_ray(tasks, context, ray_options)
+        else:
+            outcomes += run_local(tasks, context)
+        order = {job.model_key: index for index, job in enumerate(jobs)}
+        outcomes.sort(key=lambda outcome: order[outcome.job.model_key])
     return RunSummary(db_path, outcomes)

@@ -6,6 +6,7 @@ layers. Checkpoints are state_dicts plus the few facts needed to rebuild the net
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -94,18 +95,37 @@ def build_model(
     return ARCHITECTURES[arch](tuple(input_shape), int(n_classes), width=width, **dict(options or {}))
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write atomically (tmp + os.replace): a killed run never leaves a truncated checkpoint."""
+def checkpoint_bytes(model: nn.Module, meta: dict[str, Any]) -> bytes:
+    """The checkpoint file's exact content, for a worker that hands it to the driver instead of writing it."""
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "meta": meta}, buffer)
+    return buffer.getvalue()
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """tmp + os.replace: a killed run never leaves a truncated file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "meta": meta}, tmp)
+    tmp.write_bytes(content)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network and load its weights with weights_only=True (no arbitrary unpickling)."""
-    payload = torch.load(path, map_location=device, weights_only=True)
+def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write atomically (tmp + os.replace): a killed run never leaves a truncated checkpoint."""
+    write_atomically(path, checkpoint_bytes(model, meta))
+
+
+def load_checkpoint(
+    source: Path | bytes, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network and load its weights with weights_only=True (no arbitrary unpickling).
+
+    `source` is a checkpoint file or its bytes (a Ray worker gets them from the driver, not from disk).
+    """
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    payload = torch.load(source, map_location=device, weights_only=True)
     meta = payload["meta"]
     model = build_model(
         meta["arch"], meta["input_shape"], meta["n_classes"], meta["width"], meta.get("options")

@@ -169,6 +169,12 @@ def _validation_errors(
             message = message.replace("must be a number", 'must be a number or "auto"', 1)
         if message.startswith("signals: "):
             key, message = "signals", message[len("signals: ") :]
+        if key in ("data", "data.dataset") and error["type"] == "missing":
+            # there is no default dataset: a forgotten [data] section must not silently train on digits
+            from robmia_db.datasets import dataset_names
+
+            key = "data.dataset"
+            message = f'required: name the dataset, e.g. [data] dataset = "digits" (known: {", ".join(dataset_names())})'
         errors.append(SpecError(path, key or None, message))
     return errors
 

@@ -28,7 +28,8 @@ class ExperimentSection(Strict):
 
 class DataSection(Strict):
     dataset: str = Field(
-        "digits", description="registry name: digits, mnist, fashion_mnist, cifar10, yale, npz"
+        description="registry name: digits, mnist, fashion_mnist, cifar10, yale, npz (no default: a spec "
+        "names its data)"
     )
     root: str | None = Field(None, description="folder or file to read the dataset from (else $ROBMIA_DATA)")
     split_seed: int = Field(0, ge=0, description="seed of the member / non-member split")
@@ -172,7 +173,7 @@ class RuntimeSection(Strict):
 
 class ExperimentSpec(Strict):
     experiment: ExperimentSection
-    data: DataSection = Field(default_factory=DataSection)
+    data: DataSection
     membership: MembershipSection = Field(default_factory=MembershipSection)
     model: ModelSection = Field(default_factory=ModelSection)
     training: TrainingSection = Field(default_factory=TrainingSection)

@@ -218,7 +218,7 @@ def _insert_perturbation(con: duckdb.DuckDBPyConnection, record: PerturbationRec
     )  # fmt: skip
     con.register("incoming_signals", record.signals)
     try:
-        con.execute("INSERT INTO signals SELECT * FROM incoming_signals")
+        con.execute("INSERT INTO signals BY NAME SELECT * FROM incoming_signals")
     finally:
         con.unregister("incoming_signals")
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,29 @@ def run_query(
                 return pa.table({})
             return relation.to_arrow_table()
         except duckdb.Error as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise StoreError(f"query failed: {first}") from exc
+            raise StoreError(f"query failed: {one_line_error(exc)}") from exc
+
+
+def one_line_error(exc: BaseException) -> str:
+    """DuckDB's message on one line, keeping its hints (`Did you mean "v_signals"?`, candidate columns) and
+    turning its `LINE n:` + caret excerpt into `(line n, column c)`."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    parts: list[str] = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        where = re.match(r"LINE (\d+): ", line)
+        if where and index + 1 < len(lines) and lines[index + 1].lstrip().startswith("^"):
+            if line[where.end() :].startswith("..."):  # DuckDB shows a window of a long line
+                parts.append(f"(line {where.group(1)})")
+            else:
+                column = lines[index + 1].index("^") - where.end() + 1
+                parts.append(f"(line {where.group(1)}, column {column})")
+            index += 2
+            continue
+        parts.append(line.strip())
+        index += 1
+    return " ".join(parts) if parts else type(exc).__name__
 
 
 def check_experiment(db_path: str | Path, experiment: str) -> None:

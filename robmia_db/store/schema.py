@@ -29,6 +29,7 @@ def low_fpr_note_sql(n_column: str) -> str:
         f"format('{{:,}} non-members cannot resolve FPR ', {n_column}) || {joined} END"
     )
 
+
 # Each entry upgrades the schema from version i to i + 1.
 MIGRATIONS: list[str] = [
     # 1: the core tables
@@ -168,7 +169,34 @@ MIGRATIONS: list[str] = [
     # 3: no table change; bumping the version makes older stores refresh their views (v_attacks,
     # v_models.package_versions) on the next open
     "SELECT 1;",
-    # 4: scoring integrity (issues 9, 12, 14; owner: the scoring core). Attack headers' decision rule and
+    # 4 (issue 10, statistics): stratified bootstrap intervals beside each metrics row, keyed like it (an
+    # interval of other inputs than the metrics row's is never shown: v_metrics joins on inputs_key too)
+    """
+    CREATE TABLE metric_intervals (
+        attack_key VARCHAR NOT NULL,
+        model_key VARCHAR NOT NULL,
+        perturbation VARCHAR NOT NULL,
+        inputs_key VARCHAR NOT NULL,
+        n_resamples INTEGER NOT NULL,
+        seed BIGINT NOT NULL,
+        confidence DOUBLE NOT NULL,
+        balanced_accuracy_ci_low DOUBLE,
+        balanced_accuracy_ci_high DOUBLE,
+        auc_ci_low DOUBLE,
+        auc_ci_high DOUBLE,
+        tpr_at_fpr_0_ci_low DOUBLE,
+        tpr_at_fpr_0_ci_high DOUBLE,
+        tpr_at_fpr_1e3_ci_low DOUBLE,
+        tpr_at_fpr_1e3_ci_high DOUBLE,
+        tpr_at_fpr_1e2_ci_low DOUBLE,
+        tpr_at_fpr_1e2_ci_high DOUBLE
+    );
+    """,
+    # 5 (refattacks): LiRA's logit-scaled confidence phi = log p_y - log(1 - p_y), float64, computed stably
+    # from the logits (robmia_db/store/signals.py); stores written before it hold NULL there, and the
+    # reference-model attacks then compute phi from the stored float32 probabilities as the reference code does
+    "ALTER TABLE signals ADD COLUMN confidence_logit DOUBLE;",
+    # 6: scoring integrity (issues 9, 12, 14; owner: the scoring core). Attack headers' decision rule and
     # non-finite policy, parameter variants (`base_name`), where an attack came from; per-metric decision
     # accuracy/TPR/FPR, TPR at 0.01% FPR, how many non-finite scores a declared policy mapped, why a
     # calibrated number is NULL; metrics pooled over the targets of a fleet. Stored metrics predate the
@@ -184,7 +212,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE metrics ADD COLUMN decision_fpr DOUBLE;
     ALTER TABLE metrics ADD COLUMN n_nonfinite INTEGER;
     ALTER TABLE metrics ADD COLUMN calibration_note VARCHAR;
-    UPDATE metrics SET inputs_key = 'pre-v4:' || inputs_key;
+    UPDATE metrics SET inputs_key = 'pre-v6:' || inputs_key;
     CREATE TABLE fleet_metrics (
         attack_key VARCHAR NOT NULL,
         perturbation VARCHAR NOT NULL,
@@ -242,7 +270,8 @@ LEFT JOIN primary_perturbations v ON v.model_key = m.model_key AND v.kind = 'ver
 
 CREATE OR REPLACE VIEW v_signals AS
 SELECT s.model_key, m.model_name, s.example_id, s.label, s.is_member, p.name AS perturbation, p.kind,
-       p.eps, s.signal_key, s.loss, s.confidence, s.margin, s.entropy, s.mentropy, s.is_correct, s.probs
+       p.eps, s.signal_key, s.loss, s.confidence, s.margin, s.entropy, s.mentropy, s.is_correct, s.probs,
+       s.confidence_logit
 FROM signals s
 JOIN perturbations p USING (signal_key)
 JOIN models m ON m.model_key = s.model_key;
@@ -269,11 +298,17 @@ SELECT x.model_key, m.model_name, m.experiment, m.dataset, m.defense, m.eps, m.s
        x.threshold, x.n_members, x.n_nonmembers, x.n_nonfinite, a.decision_threshold, x.decision_accuracy,
        x.decision_tpr, x.decision_fpr, x.calibrated_accuracy, x.calibrated_threshold, x.calibration_note,
        x.n_reference_models, x.tp_at_best, x.fp_at_best, x.auc_numerator2, x.attack_key, x.inputs_key,
-       x.seconds, x.created_at
+       x.seconds, x.created_at,
+       -- issue 10: bootstrap intervals (robmia_db/attacks/intervals.py)
+       ci.balanced_accuracy_ci_low, ci.balanced_accuracy_ci_high, ci.auc_ci_low, ci.auc_ci_high,
+       ci.tpr_at_fpr_0_ci_low, ci.tpr_at_fpr_0_ci_high, ci.tpr_at_fpr_1e3_ci_low, ci.tpr_at_fpr_1e3_ci_high,
+       ci.tpr_at_fpr_1e2_ci_low, ci.tpr_at_fpr_1e2_ci_high, ci.n_resamples AS ci_resamples
 FROM metrics x
 JOIN attacks a USING (attack_key)
 JOIN models m ON m.model_key = x.model_key
-LEFT JOIN perturbations p ON p.model_key = x.model_key AND p.name = x.perturbation;
+LEFT JOIN perturbations p ON p.model_key = x.model_key AND p.name = x.perturbation
+LEFT JOIN metric_intervals ci ON ci.attack_key = x.attack_key AND ci.model_key = x.model_key
+    AND ci.perturbation = x.perturbation AND ci.inputs_key = x.inputs_key;
 
 CREATE OR REPLACE VIEW v_fleet_metrics AS
 SELECT a.name AS attack, a.title AS attack_title, f.perturbation, p.kind, m.dataset, m.arch, m.defense, m.eps,
@@ -302,6 +337,58 @@ CREATE OR REPLACE VIEW v_experiments AS
 SELECT e.name AS experiment, e.description, e.spec_path, e.spec_text, e.updated_at,
        (SELECT count(*) FROM models m WHERE m.experiment = e.name) AS n_models
 FROM experiments e;
+
+-- issue 10: each configuration (models that differ only in their seed) over its seeds: mean, sample sd and
+-- the 95 % Student t interval of the mean (t quantiles from scipy for df <= 30, the Cornish-Fisher
+-- expansion beyond, within 2e-6 of scipy); NULL sd and interval with a single seed.
+CREATE OR REPLACE VIEW v_configurations AS
+WITH per_seed AS (
+    SELECT x.experiment, x.dataset, m.arch, m.width, x.defense, x.eps, x.attack, x.perturbation, x.kind,
+           x.perturbation_eps, x.seed, x.balanced_accuracy, x.auc, x.tpr_at_fpr_1e2
+    FROM v_metrics x JOIN models m USING (model_key)
+),
+t_table(df, t975) AS (
+    VALUES
+        (1, 12.706205), (2, 4.302653), (3, 3.182446), (4, 2.776445), (5, 2.570582), (6, 2.446912),
+        (7, 2.364624), (8, 2.306004), (9, 2.262157), (10, 2.228139), (11, 2.200985), (12, 2.178813),
+        (13, 2.160369), (14, 2.144787), (15, 2.131450), (16, 2.119905), (17, 2.109816), (18,
+        2.100922), (19, 2.093024), (20, 2.085963), (21, 2.079614), (22, 2.073873), (23, 2.068658),
+        (24, 2.063899), (25, 2.059539), (26, 2.055529), (27, 2.051831), (28, 2.048407), (29,
+        2.045230), (30, 2.042272)
+),
+grouped AS (
+    SELECT experiment, dataset, arch, width, defense, eps, attack, perturbation, kind, perturbation_eps,
+           count(*) AS n_seeds, list(seed ORDER BY seed) AS seeds,
+           avg(balanced_accuracy) AS balanced_accuracy_mean, stddev_samp(balanced_accuracy) AS balanced_accuracy_sd,
+           avg(auc) AS auc_mean, stddev_samp(auc) AS auc_sd,
+           avg(tpr_at_fpr_1e2) AS tpr_at_fpr_1e2_mean, stddev_samp(tpr_at_fpr_1e2) AS tpr_at_fpr_1e2_sd
+    FROM per_seed
+    GROUP BY ALL
+),
+with_t AS (
+    SELECT g.*, CASE WHEN g.n_seeds < 2 THEN NULL
+                     WHEN g.n_seeds - 1 <= 30 THEN t.t975
+                     ELSE 1.959963984540054
+                          + (1.959963984540054 ^ 3 + 1.959963984540054) / (4 * (g.n_seeds - 1))
+                          + (5 * 1.959963984540054 ^ 5 + 16 * 1.959963984540054 ^ 3 + 3 * 1.959963984540054)
+                            / (96 * (g.n_seeds - 1) ^ 2)
+                          + (3 * 1.959963984540054 ^ 7 + 19 * 1.959963984540054 ^ 5
+                             + 17 * 1.959963984540054 ^ 3 - 15 * 1.959963984540054) / (384 * (g.n_seeds - 1) ^ 3)
+                END AS __t
+    FROM grouped g LEFT JOIN t_table t ON t.df = g.n_seeds - 1
+)
+SELECT experiment, dataset, arch, width, defense, eps, attack, perturbation, kind, perturbation_eps, n_seeds,
+       seeds,
+       balanced_accuracy_mean, balanced_accuracy_sd,
+       balanced_accuracy_mean - __t * balanced_accuracy_sd / sqrt(n_seeds) AS balanced_accuracy_ci_low,
+       balanced_accuracy_mean + __t * balanced_accuracy_sd / sqrt(n_seeds) AS balanced_accuracy_ci_high,
+       auc_mean, auc_sd,
+       auc_mean - __t * auc_sd / sqrt(n_seeds) AS auc_ci_low,
+       auc_mean + __t * auc_sd / sqrt(n_seeds) AS auc_ci_high,
+       tpr_at_fpr_1e2_mean, tpr_at_fpr_1e2_sd,
+       tpr_at_fpr_1e2_mean - __t * tpr_at_fpr_1e2_sd / sqrt(n_seeds) AS tpr_at_fpr_1e2_ci_low,
+       tpr_at_fpr_1e2_mean + __t * tpr_at_fpr_1e2_sd / sqrt(n_seeds) AS tpr_at_fpr_1e2_ci_high
+FROM with_t;
 """
 
 PUBLIC_VIEWS = (
@@ -315,6 +402,7 @@ PUBLIC_VIEWS = (
     "v_attack_skips",
     "v_attacks",
     "v_fleet_metrics",
+    "v_configurations",
 )
 
 
@@ -350,7 +438,9 @@ def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None
             raise
     views = VIEWS_SQL
     for alias in ("x", "f"):
-        views = views.replace(f"LOW_FPR_NOTE({alias}.n_nonmembers)", low_fpr_note_sql(f"{alias}.n_nonmembers"))
+        views = views.replace(
+            f"LOW_FPR_NOTE({alias}.n_nonmembers)", low_fpr_note_sql(f"{alias}.n_nonmembers")
+        )
     con.execute(views)
     for sql in extra_views or []:
         con.execute(sql)

@@ -4,6 +4,13 @@ Fidelity: probabilities are the float32 softmax of float32 logits with max-subtr
 paper's `softmax_by_row` computed them, so true-label confidences saturate at 1.0f and tie as in the
 paper. Loss, margin, entropy and modified entropy are computed in float64 from the log-softmax, which
 keeps them finite and informative where the float32 confidence has saturated.
+
+`confidence_logit` is LiRA's statistic phi = log p_y - log(1 - p_y) (Carlini et al. 2022). From logits it
+is computed exactly as l_y - logsumexp_{j != y} l_j in float64, which needs no epsilon and never saturates
+(the float32 p_y of 1.0 would give +inf). From probabilities (imported outputs, where the logits are
+unknown) it follows the reference code (Carlini's `score.py`, TF Privacy's `calculate_statistic`):
+log(p_y + 1e-45) - log(sum_{j != y} p_j + 1e-45) in float64, summing the other classes rather than taking
+1 - p_y, so it stays informative until the other classes underflow float32 (|phi| near 103.6).
 """
 
 from __future__ import annotations
@@ -12,6 +19,30 @@ import numpy as np
 import pyarrow as pa
 
 _LOG_FLOOR = np.log(np.finfo(np.float64).tiny)
+_REFERENCE_EPS = 1e-45  # the reference code's epsilon for phi from probabilities
+
+
+def confidence_logit_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """phi = l_y - logsumexp_{j != y} l_j in float64: exact, no epsilon, no saturation."""
+    z = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = np.arange(len(z))
+    others = z.copy()
+    others[rows, labels] = -np.inf
+    top = others.max(axis=1)
+    with np.errstate(invalid="ignore"):
+        log_others = top + np.log(np.exp(others - top[:, None]).sum(axis=1))
+    return z[rows, labels] - log_others
+
+
+def confidence_logit_from_probs(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """phi from probabilities as the reference code computes it (float64, the other classes summed)."""
+    p = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = np.arange(len(p))
+    true = p[rows, labels]
+    others = p.sum(axis=1, where=np.arange(p.shape[1])[None, :] != labels[:, None])
+    return np.log(true + _REFERENCE_EPS) - np.log(others + _REFERENCE_EPS)
 
 
 def softmax_float32(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -72,6 +103,7 @@ def signals_from_logits(
     logits32 = np.asarray(logits, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     columns = _columns_from_log_probs(_log_softmax64(logits32), softmax_float32(logits32), labels, is_correct)
+    columns["confidence_logit"] = confidence_logit_from_logits(logits32, labels)
     return columns
 
 
@@ -81,7 +113,9 @@ def signals_from_probs(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.nd
     labels = np.asarray(labels, dtype=np.int64)
     with np.errstate(divide="ignore"):
         log_probs = np.log(probs32.astype(np.float64))
-    return _columns_from_log_probs(log_probs, probs32, labels, None)
+    columns = _columns_from_log_probs(log_probs, probs32, labels, None)
+    columns["confidence_logit"] = confidence_logit_from_probs(probs32, labels)
+    return columns
 
 
 def probs_array(probs: np.ndarray) -> pa.ListArray:
@@ -116,5 +150,6 @@ def signal_table(
             "mentropy": pa.array(np.asarray(columns["mentropy"], dtype=np.float64)),
             "is_correct": pa.array(np.asarray(columns["is_correct"], dtype=bool)),
             "probs": probs_array(columns["probs"]),
+            "confidence_logit": pa.array(np.asarray(columns["confidence_logit"], dtype=np.float64)),
         }
     )

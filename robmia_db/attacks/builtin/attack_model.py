@@ -1,4 +1,4 @@
-"""A trained attack classifier (Shokri et al. 2017), trained on reference models' signals."""
+"""A trained attack model on reference models' signals (ML-Leaks / Song & Mittal style, one global model)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import numpy as np
 import pyarrow as pa
 
 ATTACK = {
-    "title": "Trained attack classifier on reference (shadow) models",
-    "paper": "Shokri, Stronati, Song, Shmatikov. Membership Inference Attacks Against Machine Learning Models. IEEE S&P 2017. https://arxiv.org/abs/1610.05820",
+    "title": "Trained attack model on reference models' signals (one global classifier, ML-Leaks style)",
+    "paper": "Salem, Zhang, Humbert, Berrang, Fritz, Backes. ML-Leaks. NDSS 2019. https://arxiv.org/abs/1806.01246; Song, Mittal. USENIX Security 2021 (NN attack on sorted probabilities + label-free features). Not Shokri et al.'s per-class shadow attack models",
     "needs": ["signal", "reference_models"],
     "params": {"max_iter": 100, "seed": 0},
     "description": (
         "A scikit-learn gradient-boosted classifier on the sorted probability vector plus confidence, loss, "
         "entropy, modified entropy and margin, trained on the reference models' members and non-members "
-        "(classes balanced by subsampling), then applied to the target model; the score is its member probability."
+        "(classes balanced by subsampling), then applied to the target model; the score is its member probability. "
+        "One model for all classes and no label input: ML-Leaks' design, not Shokri et al.'s per-class models."
     ),
 }
 

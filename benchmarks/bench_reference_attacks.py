@@ -1,0 +1,206 @@
+"""Benchmark of the reference-model attacks: LiRA online + RMIA offline over a synthetic leave-one-out fleet.
+
+The issue's size is 64 models x 10,000 examples x 3 perturbations (benign, PGD, verified); `--scale s`
+multiplies both the models and the examples by s (a shared 2-core machine may not hold the full size:
+say which scale was run). Every model is scored as a target with the other M - 1 as its references.
+
+Ours: `score_attacks(db, ["lira_online", "rmia_offline"])` end to end on a real store (reads the signals,
+builds each target's reference relation, scores in the sandbox, writes scores and metrics). Baseline,
+measured in the same run: a vectorised numpy implementation of the same two attacks on in-memory
+[model, example] arrays of phi and p_y (nanmedian / nanstd per target, RMIA by sort + searchsorted), the
+fastest plain-numpy form we know, with no store I/O at all. Each side runs in its own subprocess, so the
+peak resident memory (ru_maxrss) is its own. The scores of both sides are compared for the first targets.
+
+Usage: python benchmarks/bench_reference_attacks.py [--scale 1.0] [--out benchmarks/results/bench_reference_attacks.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PERTURBATIONS = {"benign": "benign", "pgd": "adversarial", "ver": "verified"}
+N_CLASSES = 10
+
+
+def fleet(n_models: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, N_CLASSES, n)
+    difficulty = rng.normal(0.0, 1.5, n)
+    rows = np.arange(n)
+    members = np.array([rng.permutation(np.arange(n) < n // 2) for _ in range(n_models)])
+    logits = {}
+    for name in PERTURBATIONS:
+        z = rng.normal(0.0, 1.0, (n_models, n, N_CLASSES)).astype(np.float32)
+        shift = {"benign": 0.0, "pgd": -2.0, "ver": -3.0}[name]
+        gap = 3.0 + shift + difficulty[None, :] + 1.2 * members + rng.normal(0.0, 0.7, (n_models, n))
+        z[:, rows, labels] = z.max(axis=2) + gap
+        logits[name] = z
+    return labels, members, logits
+
+
+def build_store(folder: Path, n_models: int, n: int) -> Path:
+    from robmia_db.attacks.importers import import_outputs
+
+    labels, members, logits = fleet(n_models, n)
+    db = folder / "fleet.duckdb"
+    for i in range(n_models):
+        arrays = {"labels": labels, "is_member": members[i], "example_id": np.arange(n)}
+        for name, kind in PERTURBATIONS.items():
+            arrays[f"logits__{name}"] = logits[name][i]
+            arrays[f"kind__{name}"] = np.array(kind)
+        path = folder / f"m{i:03d}.npz"
+        np.savez(path, **arrays)
+        import_outputs(db, path, "npz", name=f"m{i:03d}", dataset="bench")
+        path.unlink()
+    return db
+
+
+def _fill(per_example: np.ndarray) -> np.ndarray:
+    """Examples without IN (or OUT) references take the mean over the others (TF Privacy's rule)."""
+    missing = np.isnan(per_example)
+    per_example[missing] = per_example[~missing].mean()
+    return per_example
+
+
+def numpy_attacks(phi: np.ndarray, p_true: np.ndarray, members: np.ndarray) -> dict[str, np.ndarray]:
+    """LiRA online (median, global variance) and RMIA offline (a = 0.3, gamma = 2), every target."""
+    n_models = phi.shape[0]
+    lira = np.empty_like(phi)
+    rmia = np.empty_like(phi)
+    for t in range(n_models):
+        others = np.arange(n_models) != t
+        values, inside = phi[others], members[others]
+        llr = np.zeros(phi.shape[1])
+        for keep, sign in ((inside, 1.0), (~inside, -1.0)):
+            side = np.where(keep, values, np.nan)
+            loc = _fill(np.nanmedian(side, axis=0))
+            scale = np.nanstd(side - loc) + 1e-30
+            llr += sign * (-0.5 * ((phi[t] - loc) / scale) ** 2 - np.log(scale))
+        lira[t] = llr
+        p_out = _fill(np.nanmean(np.where(~inside, p_true[others], np.nan), axis=0))
+        ratio = p_true[t] / (0.65 * p_out + 0.35)
+        below = np.searchsorted(np.sort(ratio), ratio / 2.0, side="right") - (ratio <= ratio / 2.0)
+        rmia[t] = below / (len(ratio) - 1)
+    return {"lira_online": lira, "rmia_offline": rmia}
+
+
+def worker(mode: str, folder: Path, n_models: int, n: int) -> None:
+    import duckdb
+
+    result: dict = {}
+    if mode == "ours":
+        from robmia_db.attacks.scoring import score_attacks
+
+        start = time.perf_counter()
+        outcomes = score_attacks(folder / "fleet.duckdb", ["lira_online", "rmia_offline"], force=True)
+        result["seconds"] = time.perf_counter() - start
+        result["scored"] = {o.attack.name: o.scored for o in outcomes}
+    else:
+        with duckdb.connect(str(folder / "fleet.duckdb"), read_only=True) as con:
+            frame = con.sql(
+                "SELECT model_name, perturbation, example_id, is_member, confidence_logit, loss FROM v_signals "
+                "ORDER BY perturbation, model_name, example_id"
+            ).fetchnumpy()
+        shape = (len(PERTURBATIONS), n_models, n)
+        phi = frame["confidence_logit"].reshape(shape)
+        p_true = np.exp(-frame["loss"].reshape(shape))
+        members = frame["is_member"].reshape(shape)[0]
+        start = time.perf_counter()
+        scores = [numpy_attacks(phi[i], p_true[i], members) for i in range(len(PERTURBATIONS))]
+        result["seconds"] = time.perf_counter() - start
+        np.savez(folder / "numpy_scores.npz", **{f"{a}__{i}": s[a] for i, s in enumerate(scores) for a in s})
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def compare(folder: Path, n_checked: int = 3) -> dict[str, float]:
+    import duckdb
+
+    expected = np.load(folder / "numpy_scores.npz")
+    names = sorted(PERTURBATIONS)  # the numpy side's perturbation order
+    worst = {}
+    with duckdb.connect(str(folder / "fleet.duckdb"), read_only=True) as con:
+        for attack in ("lira_online", "rmia_offline"):
+            diffs = []
+            for i, perturbation in enumerate(names):
+                for t in range(n_checked):
+                    got = con.execute(
+                        "SELECT score FROM v_scores WHERE attack = ? AND perturbation = ? AND model_name = ? "
+                        "ORDER BY example_id",
+                        [attack, perturbation, f"m{t:03d}"],
+                    ).fetchnumpy()["score"]
+                    diffs.append(float(np.max(np.abs(got - expected[f"{attack}__{i}"][t]))))
+            worst[attack] = max(diffs)
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_reference_attacks.json"))
+    parser.add_argument("--worker", choices=["ours", "numpy"])
+    parser.add_argument("--folder", type=Path)
+    args = parser.parse_args()
+    n_models, n = max(2, round(64 * args.scale)), max(10, round(10_000 * args.scale))
+    if args.worker:
+        worker(args.worker, args.folder, n_models, n)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        build_store(folder, n_models, n)
+        build_seconds = time.perf_counter() - start
+        runs = {}
+        for mode in ("numpy", "ours"):
+            command = [
+                sys.executable,
+                __file__,
+                "--scale",
+                str(args.scale),
+                "--worker",
+                mode,
+                "--folder",
+                tmp,
+            ]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[mode] = json.loads(output.strip().splitlines()[-1])
+        max_abs_diff = compare(folder)
+    ratio = runs["ours"]["seconds"] / runs["numpy"]["seconds"]
+    report = {
+        "benchmark": "reference_attacks",
+        "scale": args.scale,
+        "models": n_models,
+        "examples": n,
+        "perturbations": len(PERTURBATIONS),
+        "store_build_seconds": round(build_seconds, 2),
+        "numpy_seconds": round(runs["numpy"]["seconds"], 3),
+        "ours_seconds": round(runs["ours"]["seconds"], 3),
+        "ratio_ours_over_numpy": round(ratio, 3),
+        "numpy_peak_rss_mb": round(runs["numpy"]["peak_rss_mb"], 1),
+        "ours_peak_rss_mb": round(runs["ours"]["peak_rss_mb"], 1),
+        "max_abs_score_difference": max_abs_diff,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    print(
+        f"{n_models} models x {n} examples x {len(PERTURBATIONS)} perturbations (scale {args.scale}): "
+        f"numpy {report['numpy_seconds']} s, ours {report['ours_seconds']} s, ratio {report['ratio_ours_over_numpy']}x; "
+        f"peak RSS numpy {report['numpy_peak_rss_mb']} MB, ours {report['ours_peak_rss_mb']} MB; "
+        f"max |score difference| {max_abs_diff}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

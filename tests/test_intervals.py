@@ -1,0 +1,117 @@
+"""Bootstrap intervals: the vectorised replicates equal a plain numpy bootstrap with the same seed, the 95 %
+interval of the AUC covers a known AUC about 95 % of the time, and `score` stores the intervals in v_metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from robmia_db.attacks.intervals import (
+    INTERVAL_COLUMNS,
+    bootstrap_intervals,
+    bootstrap_replicates,
+    percentile_interval,
+    reference_replicates,
+)
+from robmia_db.attacks.scoring import score_attacks
+from tests.attack_fixtures import import_synthetic, query, scores_of, synthetic_outputs
+
+
+def _tied_scores(seed: int, n: int, decimals: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    members = rng.random(n) < 0.4
+    return np.round(rng.normal(0.6 * members, 1.0), decimals), members
+
+
+def _plain_numpy_bootstrap(scores, members, n_resamples, seed):
+    """The protocol written out as a plain loop, with scikit-learn for AUC and TPR at FPR."""
+    m_scores, n_scores = scores[members], scores[~members]
+    rng = np.random.default_rng(seed)
+    out = {"balanced_accuracy": [], "auc": [], "tpr_at_fpr_1e2": []}
+    for _ in range(n_resamples):
+        m = m_scores[rng.integers(0, m_scores.size, size=m_scores.size)]
+        n = n_scores[rng.integers(0, n_scores.size, size=n_scores.size)]
+        y = np.r_[np.ones(m.size), np.zeros(n.size)]
+        s = np.r_[m, n]
+        best = 0.5
+        for t in np.unique(s):
+            best = max(best, 0.5 * (np.mean(m >= t) + 1 - np.mean(n >= t)))
+        out["balanced_accuracy"].append(best)
+        out["auc"].append(roc_auc_score(y, s))
+        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        # fewer than 100 non-members cannot resolve FPR 1%: NULL (NaN here), as the metrics say
+        out["tpr_at_fpr_1e2"].append(tpr[fpr <= 0.01].max() if n.size * 0.01 >= 1 else np.nan)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize(("n", "decimals"), [(300, 1), (257, 3), (120, 0)])
+def test_vectorised_replicates_equal_the_plain_bootstrap_loop(n, decimals):
+    scores, members = _tied_scores(n, n, decimals)
+    fast = bootstrap_replicates(scores, members, n_resamples=150, seed=7)
+    loop = reference_replicates(scores, members, n_resamples=150, seed=7)
+    for name in fast:
+        assert np.array_equal(fast[name], loop[name], equal_nan=True), (
+            name
+        )  # bit for bit: same draws and arithmetic
+    independent = _plain_numpy_bootstrap(scores, members, 150, 7)
+    for name, values in independent.items():
+        np.testing.assert_allclose(fast[name], values, rtol=0, atol=1e-12, err_msg=name, equal_nan=True)
+
+
+def test_chunking_does_not_change_the_replicates(monkeypatch):
+    from robmia_db.attacks import intervals
+
+    scores, members = _tied_scores(3, 400, 2)
+    whole = bootstrap_replicates(scores, members, n_resamples=64, seed=11)
+    monkeypatch.setattr(intervals, "_CHUNK_ELEMENTS", 1000)  # 2 replicates per chunk
+    chunked = bootstrap_replicates(scores, members, n_resamples=64, seed=11)
+    for name in whole:
+        assert np.array_equal(whole[name], chunked[name], equal_nan=True)
+
+
+def test_nan_scores_are_left_out_as_in_the_point_metrics():
+    scores, members = _tied_scores(5, 200, 2)
+    with_nan = scores.copy()
+    with_nan[::17] = np.nan
+    keep = ~np.isnan(with_nan)
+    a = bootstrap_replicates(with_nan, members, 40, seed=1)
+    b = bootstrap_replicates(scores[keep], members[keep], 40, seed=1)
+    assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+    assert bootstrap_replicates(scores[members], members[members], 10) == {}
+
+
+def test_auc_interval_covers_a_known_auc_about_95_percent_of_the_time():
+    # 200 simulated stores at the metrics level: members ~ N(d, 1), non-members ~ N(0, 1), AUC = Phi(d/sqrt 2)
+    d = 0.5
+    true_auc = 0.5 * (1 + math.erf(d / 2))
+    covered = 0
+    for store in range(200):
+        rng = np.random.default_rng(1000 + store)
+        members = np.arange(200) < 100
+        scores = rng.normal(d * members, 1.0)
+        low, high = percentile_interval(bootstrap_replicates(scores, members, 1000, seed=store)["auc"])
+        covered += low <= true_auc <= high
+    # binomial(200, 0.95) lies in [181, 197] with probability > 99.8 %
+    assert 181 <= covered <= 197, covered
+
+
+def test_score_stores_intervals_beside_the_metrics(tmp_path):
+    db = tmp_path / "store.duckdb"
+    import_synthetic(db, tmp_path / "npz", {"a": synthetic_outputs(1, n=300), "b": synthetic_outputs(2)})
+    score_attacks(db, ["confidence", "loss"], resamples=200)
+    rows = query(db, "SELECT * FROM v_metrics ORDER BY attack, model_key, perturbation")
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:
+        _, scores, members = scores_of(db, row["attack"], row["model_key"], row["perturbation"])
+        expected = bootstrap_intervals(scores, members, n_resamples=200, seed=0)
+        assert {c: row[c] for c in INTERVAL_COLUMNS} == pytest.approx(expected, abs=0)
+        assert row["ci_resamples"] == 200
+        assert row["auc_ci_low"] < row["auc"] < row["auc_ci_high"]
+    # re-scoring with no intervals clears them rather than leaving stale ones
+    score_attacks(db, ["confidence"], force=True, resamples=0)
+    again = query(db, "SELECT attack, auc_ci_low, ci_resamples FROM v_metrics ORDER BY attack")
+    assert [r["ci_resamples"] for r in again if r["attack"] == "confidence"] == [None] * 4
+    assert all(r["ci_resamples"] == 200 for r in again if r["attack"] == "loss")

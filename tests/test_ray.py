@@ -1,0 +1,265 @@
+"""The Ray executor on a real local Ray cluster (2 CPUs): the store it builds equals a sequential run's,
+a worker killed mid-model is retried and resumes from its partial checkpoint, a failing model is recorded
+while the others land, and a killed driver's rerun resumes without duplicates while `sql` reads the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import ray_faults
+from click.testing import CliRunner
+from conftest import REPO, TINY_SPEC, clean_env, merged, toml_dumps, use_one_torch_thread
+
+from robmia_db.cli import main
+from robmia_db.store.query import run_query
+
+FAULT_SPEC = merged(
+    TINY_SPEC,
+    {
+        "experiment": {"name": "fleet"},
+        "training": {"defenses": ["natural", "pgd_at", "killed_once", "exploding"], "epochs": 10},
+    },
+)
+DRIVER_SPEC = merged(
+    TINY_SPEC,
+    {
+        "experiment": {"name": "driver"},
+        "training": {"defenses": ["natural"], "seeds": [0, 1, 2, 3], "epochs": 40},
+        "signals": [{"kind": "benign", "name": "benign"}],
+    },
+)
+
+
+def _ray_env(flags: Path) -> dict:
+    return {
+        "worker_process_setup_hook": "ray_faults.setup_worker",
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+            "ROBMIA_TEST_FLAGS": str(flags),
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One local Ray cluster for the module, its workers with the fault defenses installed."""
+    use_one_torch_thread()
+    flags = tmp_path_factory.mktemp("flags")
+    os.environ["ROBMIA_TEST_FLAGS"] = str(flags)
+    added = ray_faults.register()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=_ray_env(flags))
+    try:
+        yield flags
+    finally:
+        ray.shutdown()
+        ray_faults.unregister(added)
+        os.environ.pop("ROBMIA_TEST_FLAGS", None)
+
+
+class Recorder:
+    """A reporter that keeps every call (the Ray driver relays workers' events to it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+
+def _stores_differences(a: Path, b: Path) -> dict[str, int]:
+    """Rows of each table in one store and not the other (both ways, with multiplicity)."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{a}' AS a (READ_ONLY); ATTACH '{b}' AS b (READ_ONLY)")
+    columns = {
+        "signals": "*",
+        "membership": "*",
+        "examples": "*",
+        "perturbations": "signal_key, model_key, name, kind, eps, settings, n_rows, member_acc, nonmember_acc",
+        "models": "model_key, model_name, experiment, status, defense, n_members, n_nonmembers, config",
+    }
+    found = {}
+    for table, cols in columns.items():
+        query = f"SELECT count(*) FROM (SELECT {cols} FROM {{}}.{table} EXCEPT ALL SELECT {cols} FROM {{}}.{table})"
+        found[table] = (
+            con.execute(query.format("a", "b")).fetchone()[0]
+            + con.execute(query.format("b", "a")).fetchone()[0]
+        )
+        found[f"{table}_rows"] = con.execute(f"SELECT count(*) FROM a.{table}").fetchone()[0]
+    con.close()
+    return found
+
+
+@pytest.fixture(scope="module")
+def fleet(cluster, tmp_path_factory):
+    """The fault spec run under Ray, then the same spec run locally into a second store."""
+    from robmia_db.runner.executor import RayOptions, run_specs
+
+    folder = tmp_path_factory.mktemp("fleet")
+    spec = folder / "fleet.toml"
+    spec.write_text(toml_dumps(FAULT_SPEC))
+    recorder = Recorder()
+    started = time.perf_counter()
+    summary = run_specs(
+        [spec], folder / "ray.duckdb", reporter=recorder, executor="ray", ray_options=RayOptions()
+    )
+    seconds = time.perf_counter() - started
+    assert ray_faults.kill_flag().exists(), "the killed_once worker was never killed"
+    local = run_specs([spec], folder / "local.duckdb", executor="local")
+    return {"folder": folder, "ray": summary, "local": local, "recorder": recorder, "seconds": seconds}
+
+
+def test_ray_store_equals_a_sequential_run(fleet):
+    folder = fleet["folder"]
+    differences = _stores_differences(folder / "ray.duckdb", folder / "local.duckdb")
+    assert {k: v for k, v in differences.items() if not k.endswith("_rows")} == dict.fromkeys(
+        ("signals", "membership", "examples", "perturbations", "models"), 0
+    )
+    # 3 completed models x 2 perturbations x 400 examples, bit for bit (probs included)
+    assert differences["signals_rows"] == 3 * 2 * 400
+    assert differences["models_rows"] == 4
+    for outcome in fleet["ray"].outcomes:
+        if outcome.action == "train":
+            name = f"{outcome.job.model_key}.pt"
+            ray_checkpoint = (folder / "ray.checkpoints" / name).read_bytes()
+            assert ray_checkpoint == (folder / "local.checkpoints" / name).read_bytes()
+    assert not list((folder / "ray.checkpoints").glob("*.partial.pt")), "partials left after the run"
+
+
+def test_a_killed_worker_is_retried_and_resumes_from_its_partial_checkpoint(fleet):
+    outcome = next(o for o in fleet["ray"].outcomes if o.job.defense == "killed_once")
+    assert outcome.action == "train" and outcome.error is None
+    resumed = [c for c in fleet["recorder"].calls if c[0] == "training_resumed"]
+    assert [(c[1].defense, c[2], c[3]) for c in resumed] == [("killed_once", 2, 10)]
+    row = run_query(
+        fleet["folder"] / "ray.duckdb",
+        "SELECT train_seconds, train_history FROM models WHERE model_key = $k",
+        {"k": outcome.job.model_key},
+    ).to_pylist()[0]
+    history = json.loads(row["train_history"])
+    assert [h["epoch"] for h in history] == list(range(1, 11))
+    # the epochs trained before the kill count in train_seconds
+    assert row["train_seconds"] >= sum(h["seconds"] for h in history)
+    assert history[-1]["elapsed_seconds"] == pytest.approx(row["train_seconds"], rel=0.5)
+
+
+def test_a_failing_model_is_recorded_while_the_others_land(fleet):
+    actions = {o.job.defense: (o.action, o.error) for o in fleet["ray"].outcomes}
+    assert actions["exploding"] == ("failed", "RuntimeError: exploded at step 3")
+    assert {d: a for d, (a, _) in actions.items() if d != "exploding"} == dict.fromkeys(
+        ("natural", "pgd_at", "killed_once"), "train"
+    )
+    rows = run_query(
+        fleet["folder"] / "ray.duckdb", "SELECT defense, status, error FROM v_models ORDER BY defense"
+    ).to_pylist()
+    assert [(r["defense"], r["status"]) for r in rows] == [
+        ("exploding", "failed"), ("killed_once", "completed"), ("natural", "completed"), ("pgd_at", "completed")
+    ]  # fmt: skip
+    assert "exploded at step 3" in rows[0]["error"] and "Traceback" in rows[0]["error"]
+
+
+def test_progress_relays_every_epoch_and_perturbation(fleet):
+    calls = fleet["recorder"].calls
+    by_defense: dict[str, list[int]] = {}
+    for call in calls:
+        if call[0] == "epoch_done":
+            by_defense.setdefault(call[1].defense, []).append(call[2])
+    assert by_defense["natural"] == list(range(1, 11)) and by_defense["pgd_at"] == list(range(1, 11))
+    assert by_defense["killed_once"][-8:] == list(range(3, 11))  # resumed after epoch 2
+    assert sum(1 for c in calls if c[0] == "perturbation_started") == 3 * 2
+    assert [c[1] for c in calls if c[0] == "set_parallel"] == [2]
+    finished = [c[1].job.defense for c in calls if c[0] == "model_finished"]
+    assert sorted(finished) == ["exploding", "killed_once", "natural", "pgd_at"]
+
+
+DRIVER_SCRIPT = """
+import sys, ray
+sys.path[:0] = {paths!r}
+import ray_faults
+ray_faults.register()
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={runtime_env!r})
+from robmia_db.runner.executor import RayOptions, run_specs
+run_specs([{spec!r}], {db!r}, executor="ray", ray_options=RayOptions())
+"""
+
+
+def _sql(db: Path, query: str):
+    return CliRunner().invoke(main, ["sql", query, "--db", str(db), "--format", "csv", "--timeout", "30"])
+
+
+def test_killed_driver_rerun_resumes_without_duplicates_and_sql_reads_during_the_run(cluster, tmp_path):
+    from robmia_db.runner.executor import RayOptions, run_specs
+    from robmia_db.store.connection import checkpoint_dir
+
+    spec = tmp_path / "driver.toml"
+    spec.write_text(toml_dumps(DRIVER_SPEC))
+    db = tmp_path / "store.duckdb"
+    script = DRIVER_SCRIPT.format(
+        paths=[str(REPO), str(REPO / "tests")], runtime_env=_ray_env(cluster), spec=str(spec), db=str(db)
+    )
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no model stored in 240 s"
+            if db.exists():
+                poll = _sql(db, "SELECT count(*) AS n FROM v_models WHERE status = 'completed'")
+                if poll.exit_code == 0 and int(poll.stdout.splitlines()[1]) >= 1:
+                    break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only; its Ray cluster goes with its session below
+        proc.wait(timeout=30)
+    finally:
+        with_session = proc.pid
+        try:
+            os.killpg(with_session, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    stored = {
+        r["model_key"]: r["finished_at"]
+        for r in run_query(
+            db, "SELECT model_key, finished_at FROM models WHERE status = 'completed'"
+        ).to_pylist()
+    }
+    assert 1 <= len(stored) < 4
+    partials = {p.name.split(".")[0] for p in checkpoint_dir(db).glob("*.partial.pt")}
+
+    recorder = Recorder()
+    summary = run_specs([spec], db, reporter=recorder, executor="ray", ray_options=RayOptions())
+    actions = {o.job.model_key: o.action for o in summary.outcomes}
+    assert {k: a for k, a in actions.items() if k in stored} == dict.fromkeys(stored, "skip")
+    assert {k: a for k, a in actions.items() if k not in stored} == dict.fromkeys(
+        set(actions) - set(stored), "train"
+    )
+    resumed = {c[1].model_key: c[2] for c in recorder.calls if c[0] == "training_resumed"}
+    assert set(resumed) == partials - set(stored) and all(epoch > 0 for epoch in resumed.values())
+    assert partials - set(stored), "the driver was killed with no model mid-training"
+    rows = run_query(
+        db,
+        """SELECT (SELECT count(*) FROM models) AS models, (SELECT count(*) FROM membership) AS membership,
+                  (SELECT count(*) FROM signals) AS signals,
+                  (SELECT count(*) FROM (SELECT DISTINCT signal_key, example_id FROM signals)) AS distinct_signals""",
+    ).to_pylist()[0]
+    assert rows == {"models": 4, "membership": 4 * 400, "signals": 4 * 400, "distinct_signals": 4 * 400}
+    for key, finished_at in stored.items():
+        again = run_query(db, "SELECT finished_at FROM models WHERE model_key = $k", {"k": key}).to_pylist()
+        assert again == [{"finished_at": finished_at}]  # not retrained
