@@ -1,17 +1,20 @@
 """Benchmark script (uses the runner, attacks and store layers): reproduce Song et al. (CCS 2019), section 5.1.
 
 Runs `specs/paper/<dataset>*.toml` (or `specs/paper-lite/...` with `--lite`) into one DuckDB store, scores the
-`confidence` attack, prints our table beside the paper's numbers, and checks the paper's qualitative findings:
-
-1. every robust model's best inference accuracy is above the natural model's (on Fashion-MNIST the paper
-   found this only for the empirical defenses: its verifiable models underfit and sit near 50 %);
-2. for PGD adversarial training, I_A (adversarial inputs) beats I_B (benign inputs).
+`confidence` attack, prints our table beside the paper's numbers, and decides all six of the paper's findings
+statistically (`robmia_db.analysis.findings`): (1) robust models leak more than natural; (2) PGD-AT: I_A > I_B;
+(3) verifiable defenses leak more than natural, less than empirical; (4) leakage grows with training eps;
+(5) with model width; (6) the robustness generalization gap correlates with leakage. Each comparison is HELD
+(its 95 % bootstrap interval excludes 0 in the paper's direction), NOT HELD (it excludes 0 the other way) or
+INCONCLUSIVE, with the same perturbation kind and eps on both sides, every dataset included; NOT MEASURED
+where the specs hold no such models (one eps, one width, no matched network or seed).
 
 The ratio printed is the membership advantage (2 acc - 1) of the best robust model over the natural model's,
 ours against the paper's. Numbers go to a JSON file (`--out`).
 
 Usage:
     python benchmarks/reproduce_paper.py --data DIR [--lite] [--db PATH] [--datasets yale,fmnist,cifar10]
+    python benchmarks/reproduce_paper.py --findings-only --db PATH     # any store, e.g. the digits sweeps
 """
 
 from __future__ import annotations
@@ -325,6 +328,40 @@ def check_findings(
     return findings
 
 
+def statistical_findings(db_path: Path, model_keys: list[str], n_resamples: int) -> list[dict[str, Any]]:
+    """The six findings decided from the `confidence` scores of the specs' models (robmia_db.analysis)."""
+    from robmia_db.analysis.compare import load_vectors
+    from robmia_db.analysis.findings import decide_findings
+
+    keys = set(model_keys)
+    vectors = [v for v in load_vectors(db_path, "confidence") if v.model_key in keys]
+    return decide_findings(vectors, n_resamples=n_resamples)
+
+
+def print_findings(findings: list[dict[str, Any]]) -> None:
+    """Per dataset and finding, each decision with its estimate and 95 % interval (in points for accuracies)."""
+    print("\nFindings (95 % bootstrap intervals; HELD = the interval excludes 0 in the paper's direction)")
+    current = None
+    for f in findings:
+        if (f["dataset"], f["finding"]) != current:
+            current = (f["dataset"], f["finding"])
+            print(f"  {f['dataset']} ({f['finding']}) {f['claim']}")
+        if f["estimate"] is None:
+            print(f"      {f['decision']:<13} {f['detail']}")
+            continue
+        scale = 1.0 if f["finding"] == 6 else 100.0
+        unit = "" if f["finding"] == 6 else " points"
+        if f["finding"] in (4, 5):
+            unit = " points per unit"
+        print(
+            f"      {f['decision']:<13} {f['detail']}: {scale * f['estimate']:+.2f}{unit} "
+            f"[{scale * f['ci_low']:+.2f}, {scale * f['ci_high']:+.2f}] (n = {f['n']})"
+        )
+    decided = [f for f in findings if f["estimate"] is not None and not f["detail"].endswith("all parts")]
+    summary = {d: sum(f["decision"] == d for f in decided) for d in ("HELD", "NOT HELD", "INCONCLUSIVE")}
+    print("  " + ", ".join(f"{v} {k}" for k, v in summary.items()) + f" of {len(decided)} comparisons")
+
+
 def advantage_ratio(rows: dict[str, dict[str, float | None]]) -> dict[str, Any] | None:
     """Membership advantage (2 acc - 1) of the best robust model over the natural model's best."""
     natural = best_inference(rows.get("natural"))
@@ -361,7 +398,7 @@ def print_table(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with one subfolder per dataset ($ROBMIA_DATA)")
+    parser.add_argument("--data", help="folder with one subfolder per dataset ($ROBMIA_DATA)")
     parser.add_argument("--lite", action="store_true", help="the CPU-sized specs in specs/paper-lite/")
     parser.add_argument("--db", default=None, help="DuckDB store (default: paper[-lite].duckdb here)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma list of yale, fmnist, cifar10")
@@ -373,12 +410,37 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", action="store_true", help="train nothing; score and report the store"
     )
     parser.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap replicates behind every finding's interval"
+    )
+    parser.add_argument(
         "--out",
         default=None,
         help="JSON output (default benchmarks/results/reproduce_paper[-lite]-<datasets>.json)",
     )
+    parser.add_argument(
+        "--findings-only",
+        action="store_true",
+        help="no specs, no training: decide the findings on every model of --db (scoring confidence first)",
+    )
     args = parser.parse_args(argv)
+    if args.findings_only:
+        if not args.db:
+            parser.error("--findings-only needs --db")
+        from robmia_db.attacks.scoring import score_attacks
+        from robmia_db.store.query import run_query
 
+        score_attacks(args.db, ["confidence"], resamples=args.resamples)
+        keys = [r["model_key"] for r in run_query(args.db, "SELECT model_key FROM v_models").to_pylist()]
+        findings = statistical_findings(Path(args.db), keys, args.resamples)
+        print_findings(findings)
+        out = Path(args.out or REPO / "benchmarks" / "results" / f"findings-{Path(args.db).stem}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"db": str(args.db), "findings": findings}, indent=2, default=str))
+        print(f"\nwrote {out}")
+        return 0
+
+    if not args.data:
+        parser.error("--data is required (unless --findings-only)")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
@@ -435,26 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in datasets:
         print_table(dataset, ours.table.get(dataset, {}), paper.get(dataset, {}))
 
-    planned: dict[str, list[str]] = {}
-    for path, _ in paths:
-        dataset = next(d for d in datasets if path.stem == d or path.stem.startswith(d + "-"))
-        planned.setdefault(dataset, []).extend(spec_defenses(path))
-    our_findings = check_findings(ours.table, planned)
     paper_findings = check_findings(paper, {d: list(paper[d]) for d in datasets})
-    print("\nFindings (ours; the paper's own numbers in brackets)")
-    paper_held = {(f["dataset"], f["finding"], f["defense"]): f["held"] for f in paper_findings}
-    for finding in our_findings:
-        verdict = {True: "HELD", False: "NOT HELD", None: "NOT MEASURED"}[finding["held"]]
-        if not finding["paper_expects"]:
-            verdict += " (the paper did not find it either)"
-        theirs = paper_held.get((finding["dataset"], finding["finding"], finding["defense"]))
-        print(
-            f"  {finding['dataset']:<8} {finding['defense']:<18} {finding['finding']}: {verdict}"
-            f"  ({_cell(finding['ours'])} vs {_cell(finding['natural'])}) [paper: {theirs}]"
-        )
-    expected = [f for f in our_findings if f["paper_expects"]]
-    held = [f for f in expected if f["held"]]
-    print(f"  {len(held)} of {len(expected)} expected findings held")
+    our_findings = statistical_findings(db_path, model_keys, args.resamples)
+    print_findings(our_findings)
 
     ratios = {}
     print("\nMembership advantage, best robust model / natural model (ratio against the same-run baseline)")

@@ -5,7 +5,15 @@ The CLI turns any RobmiaError into one line `Error: ...` and exit code 1; `--deb
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe_text(text: object) -> str:
+    """Text with terminal control characters (escape sequences) shown as `\\x1b`, never executed."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 class RobmiaError(Exception):
@@ -58,9 +66,21 @@ class StoreError(RobmiaError):
     """The store is unusable: wrong schema version, not a robmia-db file, bad query."""
 
 
+class UnfinishedStoreError(StoreError):
+    """The store file exists but its creation was interrupted; a write command finishes it."""
+
+
 class StoreLockedError(StoreError):
     """Another process holds the store (or its run lock); the message names the holder."""
 
 
 class ImportDataError(RobmiaError):
     """External per-sample outputs failed validation; nothing was imported."""
+
+
+class CheckpointError(RobmiaError):
+    """A model's checkpoint is missing, or is not the file the store recorded for it."""
+
+
+class TrainingDivergedError(RobmiaError):
+    """A model's loss or signals went NaN or infinite; the message names the epoch or perturbation."""

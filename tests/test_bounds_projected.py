@@ -180,3 +180,16 @@ def test_exact_dual_models_keep_their_parameters_and_keys() -> None:
 def test_inconsistent_projection_options_are_refused(fields: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         DEFENSE_PARAMS["dual"](**fields)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_when_every_term_is_exact() -> None:
+    model = _network("cnn8")
+    x = _images("cnn8", len(LABELS), seed=6)
+    with torch.no_grad():
+        on_cpu = dual_margin_estimate(model, x, LABELS, 0.05, projections=10**6)
+        on_gpu = dual_margin_estimate(model.to("cuda"), x.cuda(), LABELS.cuda(), 0.05, projections=10**6)
+        sampled = dual_margin_estimate(model, x.cuda(), LABELS.cuda(), 0.05, projections=20)
+    assert on_gpu.device.type == "cuda" and sampled.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-4)

@@ -70,15 +70,16 @@ def test_check_reports_every_file_and_skips_data_on_request(write_spec: SpecWrit
         {"data": {"dataset": "npz", "root": str(npz)}, "membership": {"n_members": 10, "n_nonmembers": 11}},
         name="a.toml",
     )
+    # a dotted folder name: the error still carries its key
     no_files = write_spec(
-        {"experiment": {"name": "b"}, "data": {"dataset": "yale", "root": str(tmp_path / "nope")}},
+        {"experiment": {"name": "b"}, "data": {"dataset": "yale", "root": str(tmp_path / "data.v2")}},
         name="b.toml",
     )
     result = invoke("check", str(too_many), str(no_files))
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
         f"Error: {too_many}: membership.n_nonmembers: asked for 11 examples but only 10 exist",
-        f"Error: {no_files}: data.dataset: {tmp_path / 'nope'}: does not exist; dataset 'yale' expects "
+        f"Error: {no_files}: data.dataset: {tmp_path / 'data.v2'}: does not exist; dataset 'yale' expects "
         "CroppedYale/yaleBNN/yaleBNN_P00A+AAAE+EE.pgm files (38 subjects, 2,414 images of 192x168), "
         "as a folder or a .tar/.tar.gz/.tar.xz archive",
     ]

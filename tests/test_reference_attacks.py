@@ -404,3 +404,32 @@ def test_bad_params_are_one_line_errors(fleet: Fleet):
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("Error: ")
     assert "variance must be one of ['per_example', 'global']" in result.output
+
+
+def test_report_pools_each_attacks_roc_over_a_defenses_models(fleet: Fleet):
+    """The per-attack ROC (every defense on shared axes) is the pooled ROC of the fleet's targets: each
+    plotted vertex is a vertex of scikit-learn's ROC of the concatenated scores."""
+    from sklearn.metrics import roc_curve
+
+    from robmia_db.report.figures import ChartList, attack_roc_charts
+    from robmia_db.report.queries import collect_report_data
+
+    data = collect_report_data(fleet.db)
+    points = [
+        p for p in data.attack_roc_points if p["attack"] == "lira_online" and p["perturbation"] == "benign"
+    ]
+    assert points and {p["n_models"] for p in points} == {len(fleet.keys)}
+    rows = query(
+        fleet.db,
+        "SELECT score, is_member FROM v_scores WHERE attack = 'lira_online' AND perturbation = 'benign'",
+    )
+    fpr, tpr, _ = roc_curve(
+        [r["is_member"] for r in rows], [r["score"] for r in rows], drop_intermediate=False
+    )
+    vertices = set(zip(np.round(fpr, 9), np.round(tpr, 9)))
+    assert all((round(p["fpr"], 9), round(p["tpr"], 9)) in vertices for p in points)
+    charts = attack_roc_charts(data, ChartList())
+    names = {c["attack"] for c in charts}
+    assert {*SINGLE, *JOINT} <= names
+    lira = next(c for c in charts if c["attack"] == "lira_online")
+    assert len(lira["curves"]) == len(PERTURBATIONS)  # one defense (imported) x three perturbations

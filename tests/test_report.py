@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import REPO, TrainedStore, merged, toml_dumps
+from scipy import stats
 from sklearn.metrics import roc_curve
 
 from robmia_db.cli import main
@@ -215,15 +216,18 @@ def test_page_has_every_section_and_is_self_contained(report_page):
     assert len(bundles) == 1
 
 
-def test_every_chart_spec_is_valid_vega_lite_and_small(report_page):
+def test_every_chart_spec_is_valid_vega_lite_and_small(report_page, report_store):
     from altair.utils.schemapi import validate_jsonschema
     from altair.vegalite.v6.schema import load_schema
 
     _, _, root = report_page
     schema = load_schema()
     specs = chart_specs(root)
-    # 3 configurations (natural w1, pgd_at, natural w2): ROC + histogram each, the gap chart, one sweep
-    assert len(specs) == 3 + 3 + 1 + 1
+    # 3 configurations (natural w1, pgd_at, natural w2): ROC + histogram each, the gap chart, one sweep,
+    # and one ROC per (dataset, attack) with every defense on it
+    per_attack = len(view_rows(report_store, "SELECT DISTINCT dataset, attack FROM v_metrics"))
+    assert per_attack >= 1
+    assert len(specs) == 3 + 3 + 1 + 1 + per_attack
     for spec in specs.values():
         validate_jsonschema(spec, schema)
         for name, rows in spec.get("datasets", {}).items():
@@ -264,7 +268,21 @@ def test_paper_table_matches_views_and_sklearn(report_page, report_store):
                 assert "±" in cell.text
             else:
                 assert cell.attrs["data-std"] == ""
-            assert cell.text.split("±")[0].strip() == f"{100 * np.mean(values):.2f}"
+            assert cell.text.split("±")[0].split("[")[0].strip() == f"{100 * np.mean(values):.2f}"
+            # issue 10: the 95 % interval, over seeds (scipy's t) or the model's stored bootstrap interval
+            if len(values) > 1:
+                low = high = np.mean(values)  # a zero spread (scipy would give NaN): the point itself
+                if np.std(values) > 0:
+                    low, high = stats.t.interval(
+                        0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values)
+                    )
+                assert cell.attrs["data-ci-source"] == "seeds"
+                assert float(cell.attrs["data-ci-low"]) == pytest.approx(low, abs=1e-6)
+                assert float(cell.attrs["data-ci-high"]) == pytest.approx(high, abs=1e-6)
+            elif column in ("i_b", "i_a"):
+                assert cell.attrs["data-ci-source"] == "bootstrap"
+                assert float(cell.attrs["data-ci-low"]) <= float(cell.attrs["data-mean"])
+                assert f"[{100 * float(cell.attrs['data-ci-low']):.2f}, " in cell.text
             checked += 1
     assert checked == 3 * 6
     # no verified perturbation in this store: no verified columns
@@ -532,24 +550,34 @@ def test_attack_filters_choose_what_the_page_shows(report_store, tmp_path):
         result = runner.invoke(main, ["report", "--db", str(report_store), "-o", str(page), *args])
         assert result.exit_code == 0, result.output
         root = parse(page.read_text(encoding="utf-8"))
+        left_out = [n for n in section(root, "overview").find_all("dd") if "data-left-out" in n.attrs]
+        paper_note = "is left out of this report" in section(root, "paper-table").text
+        assert paper_note == (left_out != [] and "confidence" in left_out[0].attrs["data-left-out"].split())
         rows = section(root, "leaderboard").find_all("tr")
         in_boards = {r.attrs["data-attack"] for r in rows if "data-attack" in r.attrs}
+        specs = chart_specs(root).values()
         curves = {
             label["curve"].split(". ", 1)[1].split(" on ")[0]
-            for spec in chart_specs(root).values()
-            for label in spec.get("datasets", {}).get("curves", [])
+            for spec in specs
+            if "roc_points" in spec.get("datasets", {})
+            for label in spec["datasets"]["curves"]
         }
-        return in_boards, curves
+        per_attack = {
+            spec["title"].split(" · ")[0] for spec in specs if "attack_roc_points" in spec.get("datasets", {})
+        }
+        return in_boards, curves, per_attack
 
     for args, expected in [
         ((), scored),
         (("--attack", "loss", "--attack", "confidence"), {"loss", "confidence"}),
         (("--exclude-attack", "loss"), {"confidence", "adv_loss_gap"}),
         (("--attack", "adv_loss_gap"), {"adv_loss_gap"}),
+        (("--exclude-attack", "confidence"), {"loss", "adv_loss_gap"}),
     ]:
-        boards, curves = shown(*args)
+        boards, curves, per_attack = shown(*args)
         assert boards == expected, args
         assert curves and curves <= expected, args
+        assert per_attack == expected, args
     for args, message in [
         (
             ("--attack", "nope"),
@@ -593,13 +621,19 @@ def test_static_export_writes_each_chart(report_store, tmp_path):
     root = parse((tmp_path / "w.html").read_text(encoding="utf-8"))
     names = sorted(box.attrs["data-name"] for box in root.find_all("div") if "chart" in box.classes())
     files = sorted(p.stem for p in (tmp_path / "w-charts").glob("*.svg"))
-    assert files == names and len(names) == 3  # ROC, histogram, gap
+    per_attack = view_rows(
+        report_store,
+        "SELECT DISTINCT dataset, attack FROM v_metrics WHERE model_name IN "
+        "(SELECT model_name FROM v_models WHERE experiment = 'tiny-wide')",
+    )
+    # ROC, histogram, gap, and one ROC per attack with every defense on it
+    assert files == names and len(names) == 3 + len(per_attack)
     for path in (tmp_path / "w-charts").glob("*.svg"):
         text = path.read_text(encoding="utf-8")
         assert text.startswith("<svg") and "<path" in text
     page = build_report(report_store, output=tmp_path / "p.html", experiment="tiny-wide", static="png")
     pngs = sorted((page.parent / "p-charts").glob("*.png"))
-    assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert len(pngs) == 3 + len(per_attack) and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     with pytest.raises(ValueError):
         build_report(report_store, output=tmp_path / "q.html", static="gif")
 

@@ -37,10 +37,10 @@ from threadpoolctl import threadpool_limits
 
 from robmia_db.attacks.metrics import METRIC_COLUMNS, low_fpr_note, reference_metrics
 from robmia_db.attacks.registry import load_registry
-from robmia_db.attacks.results import FAULT_ENV
+from robmia_db.attacks.results import BEFORE_CALIBRATION
 from robmia_db.attacks.scoring import score_attacks
 from robmia_db.cli import main
-from robmia_db.errors import AttackDefinitionError, RobmiaError
+from robmia_db.errors import AttackDefinitionError
 
 BUILTINS = sorted(load_registry(entry_points=False).attacks)
 # oracle metrics re-tune on the target's own labels, so they may (must) change with them
@@ -490,17 +490,26 @@ def test_per_target_low_fpr_note(fleet):
 def test_failure_between_metrics_and_calibration_leaves_nothing_and_rerun_completes(
     small_fleet, tmp_path: Path, monkeypatch
 ):
+    """Issue 14 item 2: a kill -9 (and a failing disk) between the metrics and the calibration, inside the
+    attack's one transaction: nothing is stored, and the rerun stores exactly what an uninterrupted run does."""
     db, _, _ = small_fleet
     db = shutil.copy2(db, tmp_path / "store.duckdb")
     clean = shutil.copy2(db, tmp_path / "clean.duckdb")
-    score_attacks(clean, ["confidence"])
+    score_attacks(clean, ["confidence"], resamples=0)
     before = row_counts(db)
-    monkeypatch.setenv(FAULT_ENV, "score:before-calibration")
-    with pytest.raises(RobmiaError, match="injected fault"):
-        score_attacks(db, ["confidence"])
+    killed = subprocess.run(
+        _cli("score", "--attack", "confidence", "--resamples", "0", "--db", str(db)),
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "ROBMIA_TEST_KILL_AT": BEFORE_CALIBRATION},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert row_counts(db) == before
-    monkeypatch.delenv(FAULT_ENV)
-    (outcome,) = score_attacks(db, ["confidence"])
+    monkeypatch.setenv("ROBMIA_TEST_FAIL_AT", BEFORE_CALIBRATION)
+    with pytest.raises(OSError):
+        score_attacks(db, ["confidence"], resamples=0)
+    assert row_counts(db) == before
+    monkeypatch.delenv("ROBMIA_TEST_FAIL_AT")
+    (outcome,) = score_attacks(db, ["confidence"], resamples=0)
     assert outcome.scored == 6
     columns = "model_key, perturbation, balanced_accuracy, calibrated_accuracy, calibrated_threshold, n_reference_models"
     got = query(db, f"SELECT {columns} FROM v_metrics ORDER BY ALL")
@@ -527,14 +536,14 @@ def test_runaway_query_stopped_by_timeout(small_fleet, tmp_path: Path):
     path = write_attack(tmp_path, "runaway.sql", RUNAWAY)
     started = time.monotonic()
     result = subprocess.run(
-        _cli("score", "--attack", str(path), "--timeout", "1.5", "--db", str(db)),
+        _cli("score", "--attack", str(path), "--time-limit", "1.5", "--db", str(db)),
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert time.monotonic() - started < 30
     assert (
         result.stderr.count("\n") == 1
-        and "ran past the time limit of 1.5 s (score --timeout)" in result.stderr
+        and "ran past the time limit of 1.5 s (score --time-limit)" in result.stderr
     )
     assert "nothing of this attack was stored" in result.stderr and "Traceback" not in result.stderr
     assert file_digest(db) == digest

@@ -325,7 +325,8 @@ def test_stored_signals_equal_a_recomputation_from_the_checkpoint(
     (model_row,) = run_query(
         trained_store.db, "SELECT model_key, checkpoint FROM v_models WHERE defense = $d", {"d": defense}
     ).to_pylist()
-    model, meta = load_checkpoint(model_row["checkpoint"])
+    # the path is relative to the store's folder (so a renamed or moved store still finds it)
+    model, meta = load_checkpoint(trained_store.db.parent / model_row["checkpoint"])
     assert meta["model_key"] == model_row["model_key"]
     stored = run_query(
         trained_store.db,

@@ -130,8 +130,33 @@ def compare_defenses(
         if not any(v.defense == defense for v in vectors):
             scope = f" with {kind} signals" if kind else ""
             raise RobmiaError(f"no models of defense {defense!r}{scope} have {attack!r} scores in {db_path}")
-    groups: dict[tuple, dict[str, dict[int | None, list[ScoreVector]]]] = {}
+    rows = [
+        {"attack": attack, **row}
+        for row in paired_rows(vectors, a, b, metric, n_resamples, n_permutations, seed)
+    ]
+    if not rows:
+        raise RobmiaError(
+            f"no matched models: {a!r} and {b!r} share no (dataset, arch, width, perturbation kind and eps, seed)"
+        )
+    for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
+        row["p_holm"] = adjusted
+    return rows
+
+
+def paired_rows(
+    vectors: Sequence[ScoreVector],
+    a: str,
+    b: str,
+    metric: str = "balanced_accuracy",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    n_permutations: int = DEFAULT_PERMUTATIONS,
+    seed: int = DEFAULT_SEED,
+) -> list[dict[str, Any]]:
+    """Paired A - B rows from loaded vectors (see `compare_defenses`); no Holm correction here."""
+    groups: dict[tuple, dict[str, dict[float | None, list[ScoreVector]]]] = {}
     for v in vectors:
+        if v.defense not in (a, b):
+            continue
         side = "a" if v.defense == a else "b"
         key = (v.dataset, v.arch, _eps_key(v.width), v.kind, _eps_key(v.perturbation_eps))
         groups.setdefault(key, {"a": {}, "b": {}})[side].setdefault(_eps_key(v.eps), []).append(v)
@@ -149,16 +174,10 @@ def compare_defenses(
                 rows.append(
                     {
                         "dataset": dataset, "arch": arch, "width": width, "a": a, "eps_a": eps_a, "b": b,
-                        "eps_b": eps_b, "attack": attack, "kind": vkind, "perturbation_eps": peps,
+                        "eps_b": eps_b, "kind": vkind, "perturbation_eps": peps,
                         "metric": metric, "n_pairs": result.n_pairs, "seeds": seeds,
                         "a_value": result.a_mean, "b_value": result.b_mean, "difference": result.difference,
                         "ci_low": result.ci_low, "ci_high": result.ci_high, "p_value": result.p_value,
                     }
                 )  # fmt: skip
-    if not rows:
-        raise RobmiaError(
-            f"no matched models: {a!r} and {b!r} share no (dataset, arch, width, perturbation kind and eps, seed)"
-        )
-    for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
-        row["p_holm"] = adjusted
     return rows

@@ -221,65 +221,84 @@ def risk_posterior(values: np.ndarray, histogram: RiskHistogram) -> np.ndarray:
     return filled[bins]
 
 
-# --- reading one target's rows and its own references through an attack's context -------------------------
+# --- reading the relations once and splitting them per target --------------------------------------------
 
 
-def _numpy(table) -> dict[str, np.ndarray]:
-    out = {}
-    for name in table.column_names:
-        column = table.column(name)
-        if name == "fallback_probs":
-            out[name] = column
-        elif column.type == "string":
-            out[name] = np.asarray(column.to_pylist(), dtype=object)
-        else:
-            out[name] = column.to_numpy(zero_copy_only=False)
+def _group(column) -> dict[str, np.ndarray]:
+    """Row indices per distinct string value, without turning the strings into Python objects."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(column.combine_chunks() if hasattr(column, "combine_chunks") else column)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(encoded.dictionary) + 1))
+    return {
+        str(value): order[bounds[i] : bounds[i + 1]] for i, value in enumerate(encoded.dictionary.to_pylist())
+    }
+
+
+def _columns(table, names: list[str]) -> dict[str, np.ndarray]:
+    out = {name: table.column(name).to_numpy(zero_copy_only=False) for name in names}
+    if "phi" in table.column_names:
+        phi = table.column("phi").to_numpy(zero_copy_only=False).astype(np.float64)
+        missing = np.isnan(phi)
+        if missing.any():
+            probs = table.column("fallback_probs").filter(missing).to_pylist()
+            labels = table.column("label").to_numpy(zero_copy_only=False)[missing]
+            phi[missing] = confidence_logit_from_probs(np.asarray(probs, dtype=np.float32), labels)
+        out["value"] = phi
+    else:
+        out["value"] = table.column("value").to_numpy(zero_copy_only=False).astype(np.float64)
     return out
 
 
-def _with_phi(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if "phi" not in rows:
-        return rows
-    phi = np.asarray(rows["phi"], dtype=np.float64)
-    missing = np.isnan(phi)
-    if missing.any():
-        probs = rows["fallback_probs"].filter(missing).to_pylist()
-        phi = phi.copy()
-        phi[missing] = confidence_logit_from_probs(
-            np.asarray(probs, dtype=np.float32), rows["label"][missing]
-        )
-    rows["value"] = phi
-    return rows
+def read_targets(ctx, value_sql: str, relation: str = "target") -> dict[str, dict[str, np.ndarray]]:
+    """Per target model: (example_id, label, value) sorted by example id; no membership (the relation has
+    none)."""
+    table = ctx.sql(f"SELECT model_key, example_id, label, {value_sql} FROM {relation}")
+    columns = _columns(table, ["example_id", "label"])
+    out = {}
+    for key, rows in sorted(_group(table.column("model_key")).items()):
+        rows = rows[np.argsort(columns["example_id"][rows], kind="stable")]
+        out[key] = {name: values[rows] for name, values in columns.items()}
+    return out
 
 
-def target_model_keys(ctx, relation: str = "target") -> list[str]:
-    return [
-        r["model_key"] for r in ctx.sql(f"SELECT DISTINCT model_key FROM {relation} ORDER BY 1").to_pylist()
-    ]
-
-
-def read_target(ctx, key: str, value_sql: str, relation: str = "target") -> dict[str, np.ndarray]:
-    """One target's (example_id, label, value) sorted by example id; no membership (the relation has none)."""
+def read_references(ctx, value_sql: str, kind: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per target model T, the reference rows scored for T only (`target_model_key = T`): the fleet minus T.
+    Rows of other targets' reference sets are never used for T, so no target sees its own labels. Each
+    target's rows are ordered by (model key, example id): Song & Mittal's threshold rule keeps the first
+    of tied candidates."""
+    where = "WHERE kind = $kind" if kind else ""
     table = ctx.sql(
-        f"SELECT example_id, label, {value_sql} FROM {relation} WHERE model_key = $key ORDER BY example_id",
-        {"key": key},
+        f"SELECT target_model_key, model_key, example_id, label, is_member, {value_sql} FROM reference {where}",
+        {"kind": kind} if kind else None,
     )
-    return _with_phi(_numpy(table))
+    columns = _columns(table, ["example_id", "label", "is_member"])
+    models = _group(table.column("model_key"))
+    ref_index = np.empty(table.num_rows, dtype=np.int64)
+    for rank, name in enumerate(sorted(models)):
+        ref_index[models[name]] = rank
+    columns["ref_index"] = ref_index
+    out = {}
+    for key, rows in _group(table.column("target_model_key")).items():
+        rows = rows[np.lexsort((columns["example_id"][rows], ref_index[rows]))]
+        out[key] = {name: values[rows] for name, values in columns.items()}
+    return out
 
 
-def read_references(ctx, key: str, value_sql: str, kind: str | None = None) -> dict[str, np.ndarray]:
-    """The reference rows scored for target `key` only (`target_model_key = key`): the fleet minus the
-    target. Rows of other targets' reference sets are never read, so no target sees its own labels.
-    Ordered by (model key, example id): Song & Mittal's threshold rule keeps the first of tied candidates."""
-    kind_filter = "AND kind = $kind" if kind else ""
-    table = ctx.sql(
-        f"""SELECT dense_rank() OVER (ORDER BY model_key) - 1 AS ref_index, example_id, label, is_member,
-                   {value_sql}
-            FROM reference WHERE target_model_key = $key {kind_filter}
-            ORDER BY model_key, example_id""",
-        {"key": key, **({"kind": kind} if kind else {})},
+def _references_of(references: dict[str, dict[str, np.ndarray]], key: str) -> dict[str, np.ndarray]:
+    empty = np.zeros(0)
+    return references.get(
+        key,
+        {
+            "ref_index": empty.astype(int),
+            "example_id": empty,
+            "label": empty,
+            "is_member": empty.astype(bool),
+            "value": empty,
+        },
     )
-    return _with_phi(_numpy(table))
 
 
 def matrix_for(target: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> ReferenceMatrix:
@@ -311,20 +330,26 @@ def lira_attack(ctx, params: dict, attack: str, mode: str, kinds: tuple[str, ...
     variance = check_choice(attack, "variance", params["variance"], VARIANCES)
     statistic = lira_online if mode == "online" else lira_offline
     queries = kinds or (None,)
-    pieces = []
-    for key in target_model_keys(ctx, queries[0] or "target"):
-        total, ids = None, None
-        for kind in queries:
-            target = read_target(ctx, key, PHI_COLUMNS, relation=kind or "target")
-            refs = read_references(ctx, key, PHI_COLUMNS, kind=kind)
-            if ids is not None and not np.array_equal(ids, target["example_id"]):
+    totals: dict[str, np.ndarray] = {}
+    ids: dict[str, np.ndarray] = {}
+    for kind in queries:
+        targets = read_targets(ctx, PHI_COLUMNS, relation=kind or "target")
+        references = read_references(ctx, PHI_COLUMNS, kind=kind)
+        for key, target in targets.items():
+            if key in ids and not np.array_equal(ids[key], target["example_id"]):
                 raise AttackDefinitionError(None, f"{attack}: model {key} has different examples per kind")
-            ids = target["example_id"]
-            value = statistic(target["value"], matrix_for(target, refs), location, variance)
-            total = value if total is None else total + value
+            ids[key] = target["example_id"]
+            value = statistic(
+                target["value"], matrix_for(target, _references_of(references, key)), location, variance
+            )
+            totals[key] = value if key not in totals else totals[key] + value
+    pieces = []
+    for key, total in totals.items():
         if mode == "offline":
             total = total / len(queries)
-        pieces.append((key, ids, require_finite(attack, key, total, "no reference model saw any example")))
+        pieces.append(
+            (key, ids[key], require_finite(attack, key, total, "no reference model saw any example"))
+        )
     return result_table(pieces)
 
 
@@ -338,17 +363,16 @@ def rmia_attack(ctx, params: dict, attack: str, mode: str):
     if not 0.0 <= a <= 1.0:
         raise AttackDefinitionError(None, f"{attack}: param a must be in [0, 1] (got {a})")
     value = "exp(-loss) AS value"
+    references = read_references(ctx, value)
     pieces = []
-    for key in target_model_keys(ctx):
-        target = read_target(ctx, key, value)
-        refs = read_references(ctx, key, value)
+    for key, target in read_targets(ctx, value).items():
         if len(target["example_id"]) < 2:
             raise AttackDefinitionError(
                 None, f"{attack}: model {key} has fewer than 2 examples (no population)"
             )
-        pr_x = np.maximum(rmia_pr_x(matrix_for(target, refs), mode, a), np.finfo(np.float64).tiny)
-        ratio = target["value"] / pr_x
-        ratio = require_finite(attack, key, ratio, "no reference model saw any example")
+        refs = matrix_for(target, _references_of(references, key))
+        pr_x = np.maximum(rmia_pr_x(refs, mode, a), np.finfo(np.float64).tiny)
+        ratio = require_finite(attack, key, target["value"] / pr_x, "no reference model saw any example")
         pieces.append((key, target["example_id"], rmia_fraction(ratio, ratio, gamma, exclude_self=True)))
     return result_table(pieces)
 
@@ -365,24 +389,27 @@ THRESHOLD_FEATURES = {
 RISK_FEATURES = {"mentropy": "mentropy", "entropy": "entropy", "loss": "loss"}
 
 
-def _per_class(ctx, key: str, value_sql: str):
-    target = read_target(ctx, key, f"{value_sql} AS value")
-    refs = read_references(ctx, key, f"{value_sql} AS value")
-    members = refs["is_member"].astype(bool)
-    for label in np.unique(target["label"]):
-        rows = target["label"] == label
-        same = refs["label"] == label
-        yield target, rows, refs["value"][same & members], refs["value"][same & ~members]
+def _per_class(ctx, value_sql: str):
+    """Per target: its rows, and per class of its examples the references' member and non-member values."""
+    references = read_references(ctx, f"{value_sql} AS value")
+    for key, target in read_targets(ctx, f"{value_sql} AS value").items():
+        refs = _references_of(references, key)
+        members = refs["is_member"].astype(bool)
+        classes = []
+        for label in np.unique(target["label"]):
+            same = refs["label"] == label
+            classes.append(
+                (target["label"] == label, refs["value"][same & members], refs["value"][same & ~members])
+            )
+        yield key, target, classes
 
 
 def class_thresholds_attack(ctx, params: dict, attack: str):
     signal = check_choice(attack, "signal", params["signal"], tuple(THRESHOLD_FEATURES))
     pieces = []
-    for key in target_model_keys(ctx):
-        score, target = None, None
-        for target, rows, train, test in _per_class(ctx, key, THRESHOLD_FEATURES[signal]):
-            if score is None:
-                score = target["value"].astype(np.float64).copy()
+    for key, target, classes in _per_class(ctx, THRESHOLD_FEATURES[signal]):
+        score = target["value"].copy()
+        for rows, train, test in classes:
             score[rows] -= threshold_setting(train, test)
         pieces.append((key, target["example_id"], score))
     return result_table(pieces)
@@ -394,11 +421,9 @@ def risk_score_attack(ctx, params: dict, attack: str):
     if num_bins < 1:
         raise AttackDefinitionError(None, f"{attack}: param num_bins must be >= 1 (got {num_bins})")
     pieces = []
-    for key in target_model_keys(ctx):
-        score, target = None, None
-        for target, rows, train, test in _per_class(ctx, key, RISK_FEATURES[signal]):
-            if score is None:
-                score = np.full(len(target["value"]), np.nan)
+    for key, target, classes in _per_class(ctx, RISK_FEATURES[signal]):
+        score = np.full(len(target["value"]), np.nan)
+        for rows, train, test in classes:
             histogram = risk_histogram(train, test, num_bins, bool(params["log_bins"]))
             score[rows] = risk_posterior(target["value"][rows], histogram)
         pieces.append((key, target["example_id"], score))

@@ -68,7 +68,7 @@ class AttackDefinition:
     decision_threshold: float | None = None
     nonfinite: str = "error"
     # the attack's own name; `name` adds the parameters that differ from the header's defaults, so variants
-    # (`lira_offline[variance=global]`) are distinct attacks stored side by side
+    # (`lira_offline[variance=per_example]`) are distinct attacks stored side by side
     base_name: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
 

@@ -48,6 +48,8 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ImportDataError(f"{path}: not a readable npz file ({exc})") from None
+    except MemoryError:  # a header may claim any shape (1e12 rows): refuse, do not crash
+        raise ImportDataError(f"{path}: an array's header claims more than memory holds") from None
 
 
 def _check_labels(path: Path, key: str, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -87,6 +89,19 @@ def _check_matrix(path: Path, key: str, values: np.ndarray, n_rows: int, probabi
                 f"{path}: {key}: rows must sum to 1 (row {worst} sums to {sums[worst]:.6g}); pass logits as logits__NAME"
             )
     return values.astype(np.float32) if probabilities else values
+
+
+def _scalar_number(path: Path, key: str, value: np.ndarray) -> float:
+    if (
+        value.shape != ()
+        or not np.issubdtype(value.dtype, np.number)
+        or np.issubdtype(value.dtype, np.complexfloating)
+    ):
+        raise ImportDataError(f"{path}: {key}: must be one real number (got {value.dtype}{value.shape})")
+    number = float(value)
+    if not np.isfinite(number):
+        raise ImportDataError(f"{path}: {key}: must be finite (got {number})")
+    return number
 
 
 def _kind_from_name(name: str) -> str:
@@ -166,7 +181,7 @@ def read_generic_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str,
             raise ImportDataError(
                 f"{path}: kind__{name}: must be benign, adversarial or verified (got {kind!r})"
             )
-        eps = float(data[f"eps__{name}"]) if f"eps__{name}" in data else None
+        eps = _scalar_number(path, f"eps__{name}", data[f"eps__{name}"]) if f"eps__{name}" in data else None
         perturbations.append(
             {"name": name, "kind": kind, ("probs" if is_probs else "logits"): values, "eps": eps}
         )
@@ -212,6 +227,10 @@ def import_outputs(
         np.ascontiguousarray(example_ids[order]).tobytes() + np.ascontiguousarray(is_member[order]).tobytes()
     ).hexdigest()
     model_name = name or path.stem
+    if not model_name or any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in model_name):
+        raise ImportDataError(
+            f"{path}: model name {model_name!r} is empty or contains control characters; give --name"
+        )
     model_key = content_key({"imported": digest, "format": fmt})
     n_classes = int(
         (perturbations[0].get("probs") if "probs" in perturbations[0] else perturbations[0]["logits"]).shape[
@@ -260,5 +279,32 @@ def import_outputs(
         }
     )
     with writing(db_path) as con:
+        if dataset:
+            _check_same_examples(con, path, dataset, examples)
         ingest.write_model(con, record, membership, examples, records)
     return record
+
+
+def _check_same_examples(con, path: Path, dataset: str, examples: pa.Table) -> None:
+    """`--dataset NAME` claims these rows are NAME's examples: ids already stored must carry the same labels.
+
+    Otherwise `v_membership.label` (read from the stored examples) would be another array's labels.
+    """
+    con.register("incoming_examples", examples)
+    try:
+        n_differ, first = con.execute(
+            """
+            SELECT count(*), min(i.example_id || ': stored ' || e.label || ', file ' || i.label)
+            FROM incoming_examples i JOIN examples e ON e.dataset = ? AND e.example_id = i.example_id
+            WHERE e.label != i.label
+            """,
+            [dataset],
+        ).fetchall()[0]
+    finally:
+        con.unregister("incoming_examples")
+    if n_differ:
+        raise ImportDataError(
+            f"{path}: --dataset {dataset}: {n_differ} of {examples.num_rows} examples have other labels than the "
+            f"stored {dataset!r} examples of the same id (e.g. id {first}): these are not the same examples; "
+            "import them under their own --dataset name (or without --dataset)"
+        )

@@ -6,7 +6,6 @@ leaves either everything or nothing (a rerun then finds nothing cached and redoe
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,11 @@ from robmia_db.attacks.definition import AttackDefinition
 from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
 from robmia_db.attacks.metrics import calibrated_balanced_accuracy, compute_metrics, reference_metrics
 from robmia_db.attacks.planning import ScoreUnit
-from robmia_db.errors import RobmiaError
 from robmia_db.store.connection import transaction, writing
+from robmia_db.testhooks import fail_point, kill_point
 
-# Test hook: a failure injected between the metrics and the calibration, inside the transaction.
-FAULT_ENV = "ROBMIA_INJECT_FAULT"
+# crash point between the metrics and the calibration, inside the transaction (robmia_db.testhooks)
+BEFORE_CALIBRATION = "score-before-calibration"
 REFERENCE_ATTACK_NOTE = (
     "not computed for an attack that reads reference models: the references' own scores were computed "
     "with this model among their references (nested leave-one-out is not run); see decision_accuracy"
@@ -123,8 +122,8 @@ def write_results(
             _insert_scores_and_metrics(con, attack, all_scores, len(units), seconds, now)
             # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
             write_intervals(con, attack.name, attack_key, resamples)
-            if os.environ.get(FAULT_ENV) == "score:before-calibration":
-                raise RobmiaError(f"injected fault ({FAULT_ENV}): between metrics and calibration")
+            fail_point(BEFORE_CALIBRATION)
+            kill_point(BEFORE_CALIBRATION)
             _calibrate(con, attack, references)
             _fleet_metrics(con, attack, {u.model_key for u in units}, recipes, now)
         for model_name, perturbation, reason in skipped:

@@ -350,7 +350,7 @@ def guarded(
         while thread.is_alive():
             left = timeout_s - (time.monotonic() - started)
             if left <= 0:
-                reason = f"ran past the time limit of {timeout_s:g} s (score --timeout)"
+                reason = f"ran past the time limit of {timeout_s:g} s (score --time-limit)"
                 break
             thread.join(min(0.1, left))
     except KeyboardInterrupt:

@@ -69,12 +69,14 @@ def attacks_command(attack_paths: tuple[str, ...], verbose: bool, replace: bool)
     "--replace", is_flag=True, help="Let a user attack take the name of a built-in or of a stored attack."
 )
 @click.option(
-    "--timeout",
+    "--time-limit",
     "timeout_s",
     type=click.FloatRange(min=0, min_open=True),
     default=3600.0,
     show_default=True,
-    help="Seconds one attack run (one model, or one batch of models) may take before it is stopped.",
+    metavar="SECONDS",
+    help="Seconds one attack run (one model, or one batch of models) may take before it is stopped "
+    "(--timeout is the store lock's wait).",
 )
 @click.option(
     "--memory-limit", default="4GB", show_default=True, help="DuckDB memory limit of the attack sandbox."
@@ -178,9 +180,10 @@ def import_command(path, fmt, name, experiment, dataset, defense) -> None:
     Example: robmia-db import outputs/model_robust.npz --format ccs2019 --name yale_pgd_at
     """
     from robmia_db.attacks.importers import import_outputs
+    from robmia_db.cli.base import safe
 
     record = import_outputs(get_state().db_path, path, fmt, name, experiment, dataset, defense)
     click.echo(
-        f"imported {record.model_name} ({record.model_key}): {record.n_members} members, "
+        f"imported {safe(record.model_name)} ({record.model_key}): {record.n_members} members, "
         f"{record.n_nonmembers} non-members, {record.n_classes} classes"
     )

@@ -8,6 +8,8 @@ import click
 
 from robmia_db.cli.base import db_option, get_state, handle_errors, main
 
+CONFIRM_ABOVE = 500  # models to train in one run before `run` asks for --yes
+
 
 @main.command("check")
 @click.argument("specs", nargs=-1, type=click.Path())
@@ -53,6 +55,17 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool, no_data: 
         for line in lines.get(str(item.path), ["data: not checked (--no-data)"]):
             click.echo(f"  {line}")
         if expand:
+            epochs = sum(int(job.identity["training"]["epochs"]) for job in item.jobs)
+            perturbations = sum(len(job.perturbations) for job in item.jobs)
+            click.echo(
+                f"  planned: {len(item.jobs)} models, {epochs:,} training epochs, "
+                f"{perturbations} perturbations to record"
+                + (
+                    f" (run asks for --yes above {CONFIRM_ABOVE} models)"
+                    if len(item.jobs) > CONFIRM_ABOVE
+                    else ""
+                )
+            )
             for job in item.jobs:
                 click.echo(f"  {job.model_key}  {job.model_name}")
                 for p in job.perturbations:
@@ -89,6 +102,13 @@ def check_command(specs: tuple[str, ...], expand: bool, explain: bool, no_data: 
               help="Ray: retries of a model whose worker died (a model that raises is not retried).")  # fmt: skip
 @click.option("--handoff", type=click.Choice(["object", "shared"]), default="object", show_default=True,
               help="Ray: results back through the object store, or via files next to the store (shared FS).")  # fmt: skip
+@click.option("--yes", is_flag=True, help=f"Train even when more than {CONFIRM_ABOVE} models are planned.")
+@click.option(
+    "--retrain",
+    multiple=True,
+    metavar="MODEL",
+    help="Train this model (key or name) again from scratch, replacing its checkpoint, signals and scores.",
+)
 @handle_errors
 def run_command(
     specs: tuple[str, ...],
@@ -102,10 +122,14 @@ def run_command(
     max_parallel: int | None,
     max_retries: int,
     handoff: str,
+    retrain: tuple[str, ...],
+    yes: bool,
 ) -> None:
     """Train what the store lacks and record per-sample signals; skip what exists.
 
-    Models that fail are recorded as failed and the run goes on; the exit code is 1 if any failed.
+    Models that fail are recorded as failed (why: v_models.error) and the run goes on; the exit code is 1
+    if any failed. A model whose checkpoint is lost or was replaced fails with that reason; `--retrain`
+    trains it again. More than 500 models to train need `--yes`.
     With --executor ray each model is one Ray task; this process alone writes the store, one transaction
     per finished model, so sql/score/report work during the run.
 
@@ -150,6 +174,8 @@ def run_command(
             loaded=loaded,
             executor=executor,
             ray_options=ray_options,
+            retrain=list(retrain),
+            confirm_above=None if yes else CONFIRM_ABOVE,
         )
     print_summary(summary, dry_run=dry_run, estimates=reporter.estimates if dry_run else None)
     if summary.failed:
@@ -163,18 +189,15 @@ def run_command(
     "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
 )
 @click.option("--max-rows", type=int, default=200, show_default=True, help="Rows shown by --format table.")
-@click.option(
-    "--timeout", type=float, default=15.0, show_default=True, help="Seconds to wait for a busy store."
-)
 @handle_errors
-def sql_command(query: str, fmt: str, max_rows: int, timeout: float) -> None:
+def sql_command(query: str, fmt: str, max_rows: int) -> None:
     """Run read-only SQL on the store (views: v_models, v_signals, v_perturbations, ...).
 
     Example: robmia-db sql "SELECT model_name, kind, is_member, avg(confidence) FROM v_signals GROUP BY ALL"
     """
     from robmia_db.store.query import format_result, run_query
 
-    table = run_query(get_state().db_path, query, timeout_s=timeout)
+    table = run_query(get_state().db_path, query)
     click.echo(format_result(table, fmt, max_rows=max_rows), nl=False)
 
 

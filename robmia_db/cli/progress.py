@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from robmia_db.errors import safe_text
 from robmia_db.runner.progress import format_seconds
 
 console = Console(stderr=True)
@@ -59,9 +61,12 @@ class RichReporter:
     def plan(self, jobs, actions) -> None:
         todo = sum(1 for a in actions.values() if a != "skip")
         counts = {a: sum(1 for v in actions.values() if v == a) for a in ("train", "signals", "skip")}
+        epochs = sum(
+            int(j.identity["training"]["epochs"]) for j in jobs if actions.get(j.model_key) == "train"
+        )
         console.print(
-            f"{len(jobs)} model(s): {counts['train']} to train, {counts['signals']} to add signals to, "
-            f"{counts['skip']} already stored"
+            f"{len(jobs)} model(s): {counts['train']} to train ({epochs:,} training epochs in all), "
+            f"{counts['signals']} to add signals to, {counts['skip']} already stored"
         )
         self.state.plan(jobs, actions)
         self.total = len(jobs)
@@ -146,7 +151,7 @@ class RichReporter:
             self.progress.advance(self.models_task)
         self._refresh()
         if outcome.action == "failed":
-            console.print(f"[red]failed[/red] {outcome.job.model_name}: {outcome.error}")
+            console.print(f"[red]failed[/red] {outcome.job.model_name}: {escape(safe_text(outcome.error))}")
         elif not self.live and self.state.parallel > 1:
             console.print(
                 f"    {outcome.job.model_name}: {outcome.action} in {outcome.seconds:.1f}s; {self._counts_line()}"
@@ -176,7 +181,11 @@ def print_summary(summary, dry_run: bool = False, estimates: dict | None = None)
         )  # fmt: skip
     out.print(table)
     if summary.failed:
-        console.print(f"[red]{len(summary.failed)} model(s) failed[/red]; their errors are in v_models.error")
+        console.print(f"[red]{len(summary.failed)} model(s) failed[/red] (full errors: v_models.error):")
+        for outcome in summary.failed:
+            console.print(
+                f"  {outcome.job.model_name}: {safe_text(outcome.error)}", markup=False, highlight=False
+            )
     sys.stdout.flush()
 
 

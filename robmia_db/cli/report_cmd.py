@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from robmia_db.cli.base import db_option, get_state, handle_errors, main
@@ -12,14 +14,20 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False),
-    help="HTML file to write (default reports/<store name>.html).",
+    type=click.Path(),
+    help="HTML file to write (default reports/<store name>.html); with --tables, the folder for the tables.",
 )
 @click.option("--experiment", metavar="NAME", help="Only the models of this experiment.")
 @click.option(
     "--static",
     type=click.Choice(["png", "svg"]),
     help="Also write every chart as PNG or SVG into <page>-charts/ beside the page.",
+)
+@click.option(
+    "--tables",
+    type=click.Choice(["latex", "csv"]),
+    help="Instead of the page, write the paper table and the leaderboard with 95% intervals "
+    "(booktabs LaTeX or CSV) into the folder -o (default reports/tables).",
 )
 @click.option("--attack", "attacks", multiple=True, metavar="NAME", help="Only this attack (repeatable).")
 @click.option(
@@ -34,6 +42,7 @@ def report_command(
     output: str | None,
     experiment: str | None,
     static: str | None,
+    tables: str | None,
     attacks: tuple[str, ...],
     exclude_attacks: tuple[str, ...],
 ) -> None:
@@ -44,11 +53,25 @@ def report_command(
 
     Example: robmia-db report -o reports/yale.html --experiment yale-paper --static png
     """
+    if tables:
+        from robmia_db.report.exports import export_tables
+
+        written = export_tables(
+            get_state().db_path, tables, output or "reports/tables", experiment,
+            attacks=list(attacks) or None, exclude_attacks=list(exclude_attacks) or None,
+        )  # fmt: skip
+        for path in written:
+            click.echo(str(path))
+        return
+    from robmia_db.errors import RobmiaError
     from robmia_db.report import build_report
     from robmia_db.store.query import check_experiment
 
     if experiment is not None:
         check_experiment(get_state().db_path, experiment)
+    if output and Path(output).is_dir():
+        raise RobmiaError(f"-o {output} is a folder; the page needs a file name (or use --tables)")
+
     path = build_report(
         get_state().db_path,
         output=output,

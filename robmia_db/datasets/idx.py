@@ -6,6 +6,7 @@ Anything wrong with the files raises `DatasetError` with one line naming the pat
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -64,7 +65,8 @@ def read_idx(path: Path, expected_ndim: int | None = None) -> np.ndarray:
     if len(raw) < header:
         raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected_bytes = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python ints: a forged header's sizes (up to 2^32 each) would overflow an int64 product
+    expected_bytes = header + math.prod(dims) * dtype.itemsize
     if len(raw) != expected_bytes:
         what = "truncated" if len(raw) < expected_bytes else "too long"
         raise DatasetError(

@@ -20,6 +20,9 @@ _NPZ_EXPECTED = (
 )
 
 
+MAX_CLASSES = 100_000
+
+
 def _to_nchw(x: np.ndarray, path: Path, key: str, layout: str) -> np.ndarray:
     """A view of x as N x C x H x W (no copy), resolving the channel position from the shape or `layout`."""
     if x.ndim == 3:
@@ -64,6 +67,10 @@ def _check_labels(y: np.ndarray, n: int, path: Path, key: str) -> np.ndarray:
         raise DatasetError(f"{path}: `{key}` has dtype {y.dtype}; expected integer class labels")
     if len(y) and int(y.min()) < 0:
         raise DatasetError(f"{path}: `{key}` has negative labels")
+    if len(y) and int(y.max()) >= MAX_CLASSES:  # the class count is max + 1: 1e9 would build a 1e9-way layer
+        raise DatasetError(
+            f"{path}: `{key}` has label {int(y.max())}; labels must be class indices below {MAX_CLASSES}"
+        )
     return y.astype(np.int64)
 
 
@@ -131,6 +138,10 @@ def read_npz(path: Path, layout: str) -> NpzArrays:
         except ValueError as exc:
             raise DatasetError(
                 f"{path}: {one_line(exc)} (object arrays are not read; store strings as unicode)"
+            ) from exc
+        except MemoryError as exc:  # a header may claim any shape (1e12 rows): refuse, do not crash
+            raise DatasetError(
+                f"{path}: an array's header claims more than memory holds ({one_line(exc)})"
             ) from exc
     views = []
     for xk, x, y, yk, split in raw:

@@ -12,6 +12,7 @@ from pathlib import Path
 from robmia_db.report import charts, figures, queries, tables
 from robmia_db.report.figures import ChartSlot
 from robmia_db.report.formatting import fmt_param, percent, raw, seconds, slug, when
+from robmia_db.report.intervals import annotate_paper_tables
 from robmia_db.report.queries import PAPER_ATTACK, ReportData, collect_report_data
 
 STATIC_FORMATS = ("png", "svg")
@@ -46,8 +47,10 @@ def render_report(data: ReportData) -> tuple[str, list[ChartSlot]]:
     chart_list = figures.ChartList()
     values = tables.paper_values(data)
     paper_tables = tables.paper_tables(data, values)
+    annotate_paper_tables(data, paper_tables)  # issue 10: 95 % intervals beside each value
     leaderboards = tables.leaderboards(data)
     roc = figures.roc_charts(data, chart_list)
+    attack_roc = figures.attack_roc_charts(data, chart_list)
     histograms = figures.histogram_charts(data, chart_list)
     gap = figures.gap_chart(data, values, chart_list)
     sweeps, n_sweeps = figures.sweeps(data, values, chart_list)
@@ -63,6 +66,7 @@ def render_report(data: ReportData) -> tuple[str, list[ChartSlot]]:
         "leaderboards": leaderboards,
         "open_leaderboards": len(leaderboards) <= OPEN_LEADERBOARD_MODELS,
         "roc": roc,
+        "attack_roc": attack_roc,
         "histograms": histograms,
         "charted_models": len(data.chart_models),
         "n_configurations": len(

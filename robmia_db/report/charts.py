@@ -96,7 +96,7 @@ def _decades(low: float) -> list[float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _roc_skeleton(min_fpr: float) -> dict[str, Any]:
+def _roc_skeleton(min_fpr: float, points_name: str = "roc_points") -> dict[str, Any]:
     domain = [min_fpr, 1.0]
     ticks = _decades(min_fpr)
 
@@ -106,7 +106,7 @@ def _roc_skeleton(min_fpr: float) -> dict[str, Any]:
     chance = alt.Chart(alt.NamedData(name="chance")).mark_line(color="#999", strokeDash=[4, 4], strokeWidth=1)
     chance = chance.encode(x=alt.X("fpr:Q"), y=alt.Y("tpr:Q"))
     curves = (
-        alt.Chart(alt.NamedData(name="roc_points"))
+        alt.Chart(alt.NamedData(name=points_name))
         # points carry a curve number; the label is looked up so it is not repeated on every point
         .transform_lookup(
             lookup="c", from_=alt.LookupData(data=alt.NamedData(name="curves"), key="c", fields=["curve"])
@@ -137,7 +137,11 @@ def _roc_skeleton(min_fpr: float) -> dict[str, Any]:
 
 
 def roc_chart(
-    points: Sequence[dict[str, Any]], curves: Sequence[str], min_fpr: float, title: str
+    points: Sequence[dict[str, Any]],
+    curves: Sequence[str],
+    min_fpr: float,
+    title: str,
+    points_name: str = "roc_points",
 ) -> dict[str, Any]:
     """ROC curves on log-log axes with the chance diagonal.
 
@@ -147,6 +151,7 @@ def roc_chart(
         curves: Curve labels.
         min_fpr: Left end of both axes, normally 1 / (number of non-members).
         title: Chart title.
+        points_name: Name of the points dataset (per-model and per-attack charts differ by it).
 
     Returns:
         A Vega-Lite spec.
@@ -154,7 +159,9 @@ def roc_chart(
     chance = [{"fpr": min_fpr, "tpr": min_fpr}, {"fpr": 1.0, "tpr": 1.0}]
     labels = [{"c": index, "curve": label} for index, label in enumerate(curves)]
     return _with_data(
-        _roc_skeleton(float(min_fpr)), title, {"roc_points": points, "chance": chance, "curves": labels}
+        _roc_skeleton(float(min_fpr), points_name),
+        title,
+        {points_name: points, "chance": chance, "curves": labels},
     )
 
 
@@ -245,23 +252,26 @@ def _sweep_skeleton(parameter: str, settings: tuple[float, ...], log_x: bool) ->
     x_scale = (
         alt.Scale(type="log", domain=domain, nice=False) if log_x else alt.Scale(domain=domain, nice=False)
     )
-    base = (
+    x = alt.X("value:Q", title=parameter, scale=x_scale, axis=alt.Axis(values=list(settings), format="~g"))
+    line = (
         alt.Chart()
         .mark_line(point=True)
         .encode(
-            x=alt.X(
-                "value:Q", title=parameter, scale=x_scale, axis=alt.Axis(values=list(settings), format="~g")
-            ),
+            x=x,
             y=alt.Y("mean:Q", title="%", scale=alt.Scale(zero=False)),
             color=alt.Color("quantity:N", title=None),
             tooltip=[
                 alt.Tooltip("quantity:N"),
                 alt.Tooltip("value:Q", title=parameter),
                 alt.Tooltip("mean:Q", format=".2f"),
+                alt.Tooltip("low:Q", format=".2f", title="95% low"),
+                alt.Tooltip("high:Q", format=".2f", title="95% high"),
             ],
         )
-        .properties(width=260, height=200)
     )
+    # 95 % intervals (over seeds, or the bootstrap of a single model); points without one draw no bar
+    bars = alt.Chart().mark_rule(opacity=0.6).encode(x=x, y="low:Q", y2="high:Q", color="quantity:N")
+    base = alt.layer(line, bars).properties(width=260, height=200)
     chart = alt.FacetChart(
         data=alt.NamedData(name="sweep_points"),
         spec=base,
@@ -278,8 +288,8 @@ def sweep_chart(points: Sequence[dict[str, Any]], parameter: str, title: str, lo
     """Accuracies and inference accuracies against one swept parameter (means over seeds).
 
     Args:
-        points: Records ``{"value", "quantity", "mean", "group"}`` (mean in percent; group says accuracy
-            or inference, for the two panels).
+        points: Records ``{"value", "quantity", "mean", "low", "high", "group"}`` (percent; low / high
+            the 95 % interval or None; group says accuracy or inference, for the two panels).
         parameter: Name of the swept parameter, the x axis title.
         title: Chart title.
         log_x: Use a log x axis (for parameters spanning decades).

@@ -9,9 +9,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from robmia_db.report import charts
+from robmia_db.report import charts, queries
 from robmia_db.report.formatting import fmt_param, slug
-from robmia_db.report.queries import HISTOGRAM_BINS, KINDS, PAPER_ATTACK, ReportData, configuration, strongest
+from robmia_db.report.intervals import bootstrap_intervals, cell_interval
+from robmia_db.report.queries import (
+    HISTOGRAM_BINS,
+    KINDS,
+    PAPER_ATTACK,
+    ReportData,
+    configuration,
+    defense_rank,
+    strongest,
+)
 from robmia_db.report.tables import stat
 
 MAX_SWEEP_CHARTS = 24
@@ -75,6 +84,36 @@ def roc_charts(data: ReportData, chart_list: ChartList) -> list[dict[str, Any]]:
         slot = chart_list.add(f"roc-{names[model_key]}", spec)
         result.append(
             {"slot": slot, "model_name": names[model_key], "curves": curves, "n_points": len(records)}
+        )
+    return result
+
+
+def attack_roc_charts(data: ReportData, chart_list: ChartList) -> list[dict[str, Any]]:
+    """One log-log ROC per (dataset, attack) with every defense and perturbation on shared axes, each
+    curve pooled over that defense's models (the figure a paper needs)."""
+    groups: dict[tuple[str, str], dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for point in data.attack_roc_points:
+        curve = (defense_rank(point["defense"]), point["eps"] or 0.0, point["perturbation"])
+        groups[(point["dataset"], point["attack"])][curve].append(point)
+    result = []
+    for (dataset, attack), curves_of in sorted(groups.items())[: queries.MAX_ATTACK_ROC_CHARTS]:
+        records: list[dict[str, Any]] = []
+        curves: list[str] = []
+        n_neg = 1
+        for key in sorted(curves_of):
+            points = curves_of[key]
+            first = points[0]
+            eps = f" eps {first['eps']:g}" if first["eps"] and first["defense"] != "natural" else ""
+            curves.append(f"{first['defense']}{eps} · {first['perturbation']} ({first['n_models']} models)")
+            records.extend(
+                {"c": len(curves) - 1, "fpr": round(p["fpr"], 7), "tpr": round(p["tpr"], 7)} for p in points
+            )
+            n_neg = max(n_neg, *(int(p["n_neg"]) for p in points))
+        title = f"{attack} · {dataset}"
+        spec = charts.roc_chart(records, curves, 1.0 / n_neg, title, points_name="attack_roc_points")
+        slot = chart_list.add(f"attack-roc-{dataset}-{attack}", spec)
+        result.append(
+            {"slot": slot, "attack": attack, "dataset": dataset, "curves": curves, "n_points": len(records)}
         )
     return result
 
@@ -183,6 +222,7 @@ def sweeps(
                 continue
             found.append((parameter, key, models, settings))
     result = []
+    bootstrap = bootstrap_intervals(data)
     for parameter, key, models, settings in found[:MAX_SWEEP_CHARTS]:
         records = []
         for setting in settings:
@@ -190,12 +230,15 @@ def sweeps(
             for column, label, group in SWEEP_QUANTITIES:
                 summary = stat([values[m["model_key"]][column] for m in at])
                 if summary is not None:
+                    low, high, _ = cell_interval(summary, column, [m["model_key"] for m in at], bootstrap)
                     records.append(
                         {
                             "value": setting,
                             "quantity": label,
                             "group": group,
                             "mean": round(100 * summary["mean"], 4),
+                            "low": None if low is None else round(100 * low, 4),
+                            "high": None if high is None else round(100 * high, 4),
                         }
                     )
         if not records:

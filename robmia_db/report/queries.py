@@ -30,6 +30,7 @@ KINDS = ("benign", "adversarial", "verified")
 DEFENSE_ORDER = ["natural", "pgd_at", "distributional", "wrm", "trades", "duality", "convex", "diffai", "ibp"]
 MAX_MODEL_CHARTS = 24  # ROC and histogram charts are per model; more than this stops being readable
 ROC_CURVES_PER_MODEL = 3
+MAX_ATTACK_ROC_CHARTS = 24  # one chart per (dataset, attack): every defense on shared axes
 ROC_FPR_BUCKETS = 200  # log-spaced FPR buckets per curve: at most ~200 points per curve
 HISTOGRAM_BINS = 25
 
@@ -49,9 +50,11 @@ class ReportData:
     attacks: list[dict[str, Any]] = field(default_factory=list)
     skips: list[dict[str, Any]] = field(default_factory=list)
     roc_points: list[dict[str, Any]] = field(default_factory=list)
+    attack_roc_points: list[dict[str, Any]] = field(default_factory=list)
     histogram_bins: list[dict[str, Any]] = field(default_factory=list)
     chart_models: list[str] = field(default_factory=list)
     package_versions: list[dict[str, Any]] = field(default_factory=list)
+    attacks_left_out: list[str] = field(default_factory=list)  # scored, but filtered out by the caller
     query_seconds: float = 0.0
 
 
@@ -223,6 +226,54 @@ def _primary_sql() -> str:
     """
 
 
+def _attack_roc_sql() -> str:
+    # One ROC per (dataset, attack, defense, eps, perturbation), pooled over that defense's models (as LiRA
+    # reports a fleet), thinned like the per-model curves.
+    return """
+    WITH counts AS (
+        SELECT m.dataset, s.attack, coalesce(m.defense, 'unknown') AS defense,
+               coalesce(m.eps, 0.0) AS eps, s.perturbation, s.score,
+               count(*) FILTER (WHERE s.is_member) AS d_tp,
+               count(*) FILTER (WHERE NOT s.is_member) AS d_fp
+        FROM v_scores s
+        JOIN __report_models USING (model_key)
+        JOIN v_models m USING (model_key)
+        WHERE s.score IS NOT NULL AND NOT isnan(s.score) AND s.is_member IS NOT NULL
+        GROUP BY ALL
+    ),
+    n_models AS (
+        SELECT m.dataset, s.attack, coalesce(m.defense, 'unknown') AS defense,
+               coalesce(m.eps, 0.0) AS eps, s.perturbation,
+               count(DISTINCT s.model_key) AS n_models
+        FROM v_scores s JOIN __report_models USING (model_key) JOIN v_models m USING (model_key)
+        GROUP BY ALL
+    ),
+    cumulative AS (
+        SELECT dataset, attack, defense, eps, perturbation,
+               sum(d_tp) OVER upto AS tp, sum(d_fp) OVER upto AS fp,
+               sum(d_tp) OVER whole AS n_pos, sum(d_fp) OVER whole AS n_neg
+        FROM counts
+        WINDOW whole AS (PARTITION BY dataset, attack, defense, eps, perturbation),
+               upto AS (PARTITION BY dataset, attack, defense, eps, perturbation ORDER BY score DESC
+                        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+    ),
+    points AS (
+        SELECT dataset, attack, defense, eps, perturbation, n_neg,
+               CAST(fp AS DOUBLE) / n_neg AS fpr, CAST(tp AS DOUBLE) / n_pos AS tpr,
+               CASE WHEN n_neg <= 1 THEN 0
+                    ELSE CAST(floor((ln(CAST(fp AS DOUBLE) / n_neg) + ln(n_neg)) / ln(n_neg) * $buckets) AS INTEGER)
+               END AS bucket
+        FROM cumulative
+        WHERE fp > 0 AND tp > 0
+    )
+    SELECT p.dataset, p.attack, p.defense, p.eps, p.perturbation, p.bucket, max(p.fpr) AS fpr,
+           max(p.tpr) AS tpr, any_value(p.n_neg) AS n_neg, any_value(n.n_models) AS n_models
+    FROM points p JOIN n_models n USING (dataset, attack, defense, eps, perturbation)
+    GROUP BY ALL
+    ORDER BY p.dataset, p.attack, p.defense, p.eps, p.perturbation, fpr
+    """
+
+
 def collect_report_data(
     db_path: str | Path,
     experiment: str | None = None,
@@ -315,7 +366,11 @@ def collect_report_data(
             """SELECT x.model_key, x.model_name, x.dataset, x.attack, x.attack_title, x.perturbation, x.kind,
                       x.perturbation_eps, x.balanced_accuracy, x.auc, x.tpr_at_fpr_1e3, x.tpr_at_fpr_1e2,
                       x.advantage, x.calibrated_accuracy, x.n_members, x.n_nonmembers, x.seconds, x.created_at,
-                      x.attack_key
+                      x.attack_key,
+                      -- issue 10: bootstrap intervals (NULL where scored with --resamples 0)
+                      x.balanced_accuracy_ci_low, x.balanced_accuracy_ci_high, x.auc_ci_low, x.auc_ci_high,
+                      x.tpr_at_fpr_1e3_ci_low, x.tpr_at_fpr_1e3_ci_high, x.tpr_at_fpr_1e2_ci_low,
+                      x.tpr_at_fpr_1e2_ci_high
                FROM v_metrics x JOIN __report_models USING (model_key)
                -- a re-scored attack (edited source) leaves one row per version: show the newest
                QUALIFY row_number() OVER (
@@ -323,8 +378,10 @@ def collect_report_data(
                ) = 1
                ORDER BY x.model_key, x.balanced_accuracy DESC NULLS LAST, x.attack, x.perturbation""",
         )
+        scored = {row["attack"] for row in data.metrics}
         data.metrics = _select_attacks(data.metrics, attacks, exclude_attacks, db_path)
         chosen = {row["attack"] for row in data.metrics}
+        data.attacks_left_out = sorted(scored - chosen)
         data.attacks = _attack_overview(con, data.metrics)
         data.skips = _rows(
             con,
@@ -338,6 +395,11 @@ def collect_report_data(
         representatives = _representatives(models)
         data.chart_models = [m["model_key"] for m in representatives]
         data.roc_points = _roc_points(con, data.metrics, data.chart_models)
+        data.attack_roc_points = [
+            row
+            for row in _rows(con, _attack_roc_sql(), {"buckets": ROC_FPR_BUCKETS})
+            if row["attack"] in chosen
+        ]
         data.histogram_bins = _histogram_bins(con, data.primary, data.chart_models)
     data.query_seconds = time.perf_counter() - started
     return data

@@ -211,22 +211,39 @@ def _model_dtype(model: nn.Sequential) -> torch.dtype:
 # Interval bound propagation
 
 
-def _interval_step(layer: nn.Module, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+def _interval_step(
+    layer: nn.Module, lower: Tensor, upper: Tensor, in_place: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Interval bounds after one layer; `in_place` lets a ReLU overwrite its input bounds (no longer needed)."""
     if isinstance(layer, nn.ReLU):
+        if in_place:
+            return lower.relu_(), upper.relu_()
         return F.relu(lower), F.relu(upper)
     if isinstance(layer, nn.Flatten):
         return lower.flatten(1), upper.flatten(1)
-    # Centre/radius form (as in Gowal et al.): one affine call plus one on |W|, instead of four.
-    center = _affine(layer, (upper + lower) / 2)
-    radius = _affine(layer, (upper - lower) / 2, weight=layer.weight.abs(), with_bias=False)
-    return center - radius, center + radius
+    # Centre/radius form (as in Gowal et al.): one affine call plus one on |W|, instead of four. The 1/2 of
+    # centre and radius is folded into the (small) weights, which saves two passes over the activations.
+    half = layer.weight * 0.5
+    center = _affine(layer, upper + lower, weight=half)
+    radius = _affine(layer, upper - lower, weight=half.abs(), with_bias=False)
+    lower = center - radius
+    return lower, center.add_(radius)  # the convolution's backward needs its inputs, not its output
 
 
-def _interval_pass(net: _Network, lower: Tensor, upper: Tensor, upto: int) -> list[tuple[Tensor, Tensor]]:
-    """Interval bounds of h_0 .. h_upto."""
+def _interval_pass(
+    net: _Network, lower: Tensor, upper: Tensor, upto: int, keep_all: bool = True
+) -> list[tuple[Tensor, Tensor]]:
+    """Interval bounds of h_0 .. h_upto; without `keep_all` only the last entry is valid (ReLUs run in place)."""
+    if lower.dim() == 4:
+        # Measured on CPU: convolutions of channels-last maps run about 2x faster here, and a pair of them
+        # (centre and radius) no longer costs more than twice one forward convolution.
+        lower = lower.contiguous(memory_format=torch.channels_last)
+        upper = upper.contiguous(memory_format=torch.channels_last)
     bounds = [(lower, upper)]
-    for layer in net.layers[:upto]:
-        bounds.append(_interval_step(layer, *bounds[-1]))
+    for index, layer in enumerate(net.layers[:upto]):
+        # The input box itself is never overwritten: the caller still holds it.
+        in_place = not keep_all and index > 0 and _is_affine(net.layers[index - 1])
+        bounds.append(_interval_step(layer, *bounds[-1], in_place=in_place))
     return bounds
 
 

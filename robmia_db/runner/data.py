@@ -8,6 +8,7 @@ full loaded dataset.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,7 +124,9 @@ class DataCheck:
 def _spec_error(path: Path, key: str, exc: Exception) -> SpecError:
     message = str(exc)
     head = message.split(":", 1)[0]
-    if "." in head and " " not in head:  # the message names its own key (membership.n_members: ...)
+    if re.fullmatch(
+        r"[a-z_]+(\.[a-z_]+)+", head
+    ):  # the message names its own key (membership.n_members: ...)
         return SpecError(path, None, message)
     return SpecError(path, key, message)
 

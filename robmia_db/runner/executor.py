@@ -9,10 +9,12 @@ training also keeps a partial checkpoint so a killed run resumes mid-training.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -26,21 +28,28 @@ import pyarrow as pa
 import torch
 
 from robmia_db.datasets import LoadedDataset, load_dataset
-from robmia_db.errors import RobmiaError, SpecError, SpecErrors
+from robmia_db.errors import RobmiaError, SpecError, SpecErrors, TrainingDivergedError, UnfinishedStoreError
+from robmia_db.runner.checkpoints import (
+    check_finite,
+    checkpoint_location,
+    clean_leftovers,
+    file_sha256,
+    load_verified,
+)
 from robmia_db.runner.data import MembershipSplit, examples_table, split_membership
 from robmia_db.runner.defenses import TrainProgress, build_defense
 from robmia_db.runner.models import (
     build_model,
     checkpoint_bytes,
-    load_checkpoint,
     save_checkpoint,
     write_atomically,
 )
 from robmia_db.runner.signals import compute_signal_columns
 from robmia_db.spec import LoadedSpec, ModelJob, PerturbationJob, load_specs
 from robmia_db.store import ingest
-from robmia_db.store.connection import checkpoint_dir, run_lock, writing
+from robmia_db.store.connection import checkpoint_dir, resolved, run_lock, writing
 from robmia_db.store.signals import signal_table
+from robmia_db.testhooks import fail_point, kill_point, wait_point
 
 PARTIAL_SAVE_INTERVAL_S = 30.0
 
@@ -327,6 +336,10 @@ def train_model(
         sizes = torch.full((len(batch_losses),), float(batch_size), device=device)
         sizes[-1] = n - batch_size * (len(batch_losses) - 1)
         epoch_loss = float((torch.stack(batch_losses) * sizes).sum()) / n
+        if not math.isfinite(epoch_loss):
+            raise TrainingDivergedError(
+                f"training diverged at epoch {epoch + 1}/{epochs} (loss {epoch_loss})"
+            )
         now = time.perf_counter()
         stats = {
             "epoch": epoch + 1,
@@ -417,13 +430,18 @@ def compute_model(
     dataset_checksum: str | None = None,
     prior_checkpoint: bytes | None = None,
     checkpoint_as_bytes: bool = False,
+    stored_checkpoint: Path | None = None,
+    checkpoint_sha256: str | None = None,
+    retrain: bool = False,
 ) -> ModelResult:
     """Train one model (or load its checkpoint) and compute its signals; writes nothing to the store.
 
     `prior_checkpoint` is a finished checkpoint the driver already holds (models that only need new
     perturbations, or a checkpoint stored before a kill); without it the checkpoint folder is looked at.
     With `checkpoint_as_bytes` the new checkpoint is returned, not written, and the partial checkpoint is
-    left for the driver to remove once the final one is safely on its disk.
+    left for the driver to remove once the final one is safely on its disk. A reused checkpoint must match
+    `checkpoint_sha256` (what the store recorded) and its own model key and architecture; `stored_checkpoint`
+    is where the store found it (a renamed store keeps finding its old folder). `retrain` ignores it.
     """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
@@ -432,8 +450,10 @@ def compute_model(
     train_seconds = None
     history: list[dict[str, Any]] = []
     content = None
-    if action == "train" and prior_checkpoint is None and not checkpoint.exists():
+    if action == "train" and (retrain or (prior_checkpoint is None and not checkpoint.exists())):
         partial = checkpoints / f"{job.model_key}.partial.pt"
+        if retrain:
+            partial.unlink(missing_ok=True)
         t0 = time.perf_counter()
         model, history = train_model(job, dataset, split, device, reporter, partial)
         # the time before an interruption counts: a resumed model reports its whole training time
@@ -449,7 +469,10 @@ def compute_model(
             partial.unlink(missing_ok=True)
     else:
         # a finished checkpoint without its store rows (killed between the two) is reused, not retrained
-        model, _ = load_checkpoint(prior_checkpoint if prior_checkpoint is not None else checkpoint, device)
+        # either way the file must prove to be this model's before signals are stored under its key
+        shown = stored_checkpoint or checkpoint
+        source = prior_checkpoint if prior_checkpoint is not None else shown
+        model = load_verified(source, job, dataset, checkpoint_sha256, device, shown)
     wanted = [p for p in job.perturbations if action == "train" or p.signal_key not in existing_signal_keys]
     ids = split.evaluated_ids
     is_member = split.is_member
@@ -461,6 +484,7 @@ def compute_model(
         reporter.perturbation_started(job, perturbation, index, len(wanted))
         t0 = time.perf_counter()
         columns = compute_signal_columns(model, x_eval, y_eval, perturbation.settings, eval_batch_size)
+        check_finite(columns, job, perturbation)
         table = signal_table(perturbation.signal_key, job.model_key, ids, dataset.y[ids], is_member, columns)
         record = ingest.PerturbationRecord(
             perturbation.signal_key, job.model_key, perturbation.name, perturbation.kind, perturbation.eps,
@@ -497,16 +521,32 @@ def store_result(db_path: Path, result: ModelResult) -> ModelOutcome:
     if result.checkpoint_bytes is not None:
         write_atomically(result.checkpoint_path, result.checkpoint_bytes)
         result.checkpoint_path.with_name(f"{result.job.model_key}.partial.pt").unlink(missing_ok=True)
-    with writing(db_path) as con:
+    if result.membership is not None:  # a new checkpoint: record where (relative to the store) and its hash
+        result.record.checkpoint = os.path.relpath(result.checkpoint_path, resolved(db_path).parent)
+        result.record.checkpoint_sha256 = file_sha256(result.checkpoint_path)
+    wait_point("model-ready")
+    fail_point("model-write")
+    # a finished model is never dropped because a reader holds the store: wait for it, saying whom for
+    with writing(db_path, wait_forever=True, on_wait=_waiting) as con:
         ingest.write_model(con, result.record, result.membership, result.examples, result.perturbations)
+    kill_point("model-written")
     seconds = result.seconds + time.perf_counter() - started
     return ModelOutcome(result.job, result.action, seconds, accuracies=result.accuracies)
 
 
+def _waiting(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def failure_text(exc: BaseException) -> tuple[str, str]:
-    """The one-line message and the (tail of the) traceback recorded for a failed model."""
-    message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return message, "".join(traceback.format_exception(exc))[-4000:]
+    """The one-line message and what v_models.error records: our own errors as their message (the epoch a
+    model diverged at, a checkpoint that is not its own), anything else with its traceback's tail."""
+    if isinstance(exc, RobmiaError):
+        return str(exc).splitlines()[0], str(exc)
+    detail = "".join(traceback.format_exception(exc))[-4000:]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else ""), detail
+    return f"{type(exc).__name__}: {exc}".splitlines()[0], detail
 
 
 def store_failure(
@@ -523,12 +563,15 @@ def store_failure(
     message, error = exc if isinstance(exc, tuple) else failure_text(exc)
     record = _model_record(job, None, None, None, provenance, None, None, [], device)
     record.error = error
+    outcome = ModelOutcome(job, "failed", error=message)
     try:
-        with writing(db_path) as con:
+        # waits for a reader like a finished model does; if it still fails the outcome says so, so the
+        # summary never points at an error column that stays empty
+        with writing(db_path, wait_forever=True, on_wait=_waiting) as con:
             ingest.write_failed_model(con, record)
-    except RobmiaError:
-        pass
-    return ModelOutcome(job, "failed", error=message)
+    except (RobmiaError, OSError) as write_error:
+        outcome.error = f"{message} (and the failure could not be recorded: {write_error})"
+    return outcome
 
 
 @dataclass
@@ -558,6 +601,9 @@ class ModelTask:
     action: str
     existing_signal_keys: set[str]
     eval_batch_size: int
+    stored_checkpoint: Path | None = None  # where the store's record finds the checkpoint
+    checkpoint_sha256: str | None = None  # what it recorded when the checkpoint was written
+    retrain: bool = False
 
 
 @dataclass
@@ -584,7 +630,8 @@ def run_local(tasks: list[ModelTask], context: RunContext) -> list[ModelOutcome]
             result = compute_model(
                 job, task.action, task.existing_signal_keys, dataset, checkpoint_dir(context.db_path),
                 context.device, context.reporter, context.provenance, task.eval_batch_size,
-                dataset_checksum=context.datasets.checksum(dataset),
+                dataset_checksum=context.datasets.checksum(dataset), stored_checkpoint=task.stored_checkpoint,
+                checkpoint_sha256=task.checkpoint_sha256, retrain=task.retrain,
             )  # fmt: skip
             outcome = store_result(context.db_path, result)
         except (KeyboardInterrupt, SystemExit):
@@ -596,13 +643,69 @@ def run_local(tasks: list[ModelTask], context: RunContext) -> list[ModelOutcome]
     return outcomes
 
 
-def _stored_state(db_path: Path, jobs: list[ModelJob]) -> dict[str, dict[str, Any]]:
+def _stored_state(db_path: Path, jobs: list[ModelJob], write: bool = False) -> dict[str, dict[str, Any]]:
+    """What the store holds of these jobs. `write` (under the run lock) also finishes a store whose creation
+    was interrupted; without it such a store holds nothing yet."""
     if not db_path.exists():
         return {}
     from robmia_db.store.connection import reading
 
-    with reading(db_path) as con:
-        return ingest.existing_models(con, [job.model_key for job in jobs])
+    try:
+        with (writing if write else reading)(db_path) as con:
+            return ingest.existing_models(con, [job.model_key for job in jobs])
+    except UnfinishedStoreError:
+        return {}
+
+
+def training_epochs(jobs: list[ModelJob], actions: dict[str, str]) -> int:
+    """The plan's cost in training epochs (each over its model's members), shown before a run starts."""
+    return sum(
+        int(job.identity["training"]["epochs"]) for job in jobs if actions.get(job.model_key) == "train"
+    )
+
+
+def _confirm_size(jobs: list[ModelJob], actions: dict[str, str], limit: int | None) -> None:
+    to_train = sum(1 for action in actions.values() if action == "train")
+    if limit is not None and to_train > limit:
+        raise RobmiaError(
+            f"{to_train:,} models to train ({training_epochs(jobs, actions):,} training epochs), more than "
+            f"{limit:,}: rerun with --yes to train them all, or narrow the sweep (see `robmia-db check --expand`)"
+        )
+
+
+def _retrain_keys(jobs: list[ModelJob], wanted: list[str]) -> set[str]:
+    keys: set[str] = set()
+    for name in wanted:
+        matches = {job.model_key for job in jobs if name in (job.model_key, job.model_name)}
+        if not matches:
+            raise RobmiaError(f"--retrain {name}: no model of the given specs has this key or name")
+        keys |= matches
+    return keys
+
+
+def _plan(jobs, existing, retrain_keys) -> dict[str, str]:
+    actions = plan_actions(jobs, existing)
+    actions.update({key: "train" for key in retrain_keys})
+    return actions
+
+
+def _record_metadata(
+    db_path: Path, loaded: list[LoadedSpec], jobs: list[ModelJob], existing: dict[str, dict[str, Any]]
+) -> None:
+    """Experiments' spec text and the names of stored models and perturbations (metadata: never retrains)."""
+    with writing(db_path) as con:
+        for item in loaded:
+            ingest.upsert_experiment(
+                con, item.spec.experiment.name, item.spec.experiment.description, str(item.path), item.text
+            )
+        for job in jobs:
+            if job.model_key in existing:
+                ingest.rename_model(con, job.model_key, job.model_name, job.experiment)
+                for perturbation in job.perturbations:
+                    if perturbation.signal_key in existing[job.model_key]["signal_keys"]:
+                        ingest.rename_perturbation(
+                            con, job.model_key, perturbation.signal_key, perturbation.name
+                        )
 
 
 def _announce(
@@ -632,11 +735,15 @@ def run_specs(
     executor: str = "local",
     ray_options: RayOptions | None = None,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
+    retrain: list[str] | None = None,
+    confirm_above: int | None = None,
 ) -> RunSummary:
     """Run specs into a store: validate all, then train and record what the store lacks.
 
     Raises SpecErrors before any work if any spec is invalid or its data is missing. A model that fails
-    is recorded as failed and the run goes on; callers check `summary.failed`.
+    is recorded as failed and the run goes on; callers check `summary.failed`. `retrain` names models (key
+    or name) to train again from scratch, replacing their checkpoint, signals and scores. More than
+    `confirm_above` models to train is refused before any work (the CLI's `--yes` lifts it).
 
     Args:
         executor: "local" (one model after the other here) or "ray" (one Ray task per model; see
@@ -667,6 +774,7 @@ def run_specs(
                 continue
             seen[job.model_key] = job
             jobs.append(job)
+    retrain_keys = _retrain_keys(jobs, retrain or [])
     thread_count = threads or next(
         (item.spec.runtime.threads for item in loaded if item.spec.runtime.threads), None
     )
@@ -685,33 +793,31 @@ def run_specs(
 
     if dry_run:
         existing = _stored_state(db_path, jobs)
-        actions = plan_actions(jobs, existing)
+        actions = _plan(jobs, existing, retrain_keys)
         _announce(reporter, db_path, jobs, actions, parallel)
         return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs])
 
     outcomes: list[ModelOutcome] = []
-    with run_lock(db_path):
-        # planned under the lock: a run that finished meanwhile is seen, and a refused run prints no plan
-        existing = _stored_state(db_path, jobs)
-        actions = plan_actions(jobs, existing)
+    existing = _stored_state(db_path, jobs)
+    actions = _plan(jobs, existing, retrain_keys)
+    if all(action == "skip" for action in actions.values()):
+        # nothing to train: no run lock, so this never meets (or waits on) another run that holds it
         _announce(reporter, db_path, jobs, actions, parallel)
-        with writing(db_path) as con:
-            for item in loaded:
-                ingest.upsert_experiment(
-                    con,
-                    item.spec.experiment.name,
-                    item.spec.experiment.description,
-                    str(item.path),
-                    item.text,
-                )
-            for job in jobs:
-                if job.model_key in existing:
-                    ingest.rename_model(con, job.model_key, job.model_name, job.experiment)
-                    for perturbation in job.perturbations:
-                        if perturbation.signal_key in existing[job.model_key]["signal_keys"]:
-                            ingest.rename_perturbation(
-                                con, job.model_key, perturbation.signal_key, perturbation.name
-                            )
+        _record_metadata(db_path, loaded, jobs, existing)
+        for index, job in enumerate(jobs):
+            reporter.model_started(job, index, len(jobs), "skip")
+            outcomes.append(ModelOutcome(job, "skip"))
+            reporter.model_finished(outcomes[-1])
+        return RunSummary(db_path, outcomes)
+    with run_lock(db_path):
+        # planned again under the lock: a run that finished meanwhile is seen, and a refused run prints
+        # no plan
+        existing = _stored_state(db_path, jobs, write=True)
+        actions = _plan(jobs, existing, retrain_keys)
+        _announce(reporter, db_path, jobs, actions, parallel)
+        _confirm_size(jobs, actions, confirm_above)
+        clean_leftovers(checkpoint_dir(db_path))
+        _record_metadata(db_path, loaded, jobs, existing)
         git_commit, git_dirty = _git_provenance()
         provenance = (git_commit, git_dirty, _package_versions())
         tasks = []
@@ -723,9 +829,15 @@ def run_specs(
                 reporter.model_finished(outcome)
                 outcomes.append(outcome)
                 continue
-            signal_keys = existing.get(job.model_key, {}).get("signal_keys", set())
+            stored = existing.get(job.model_key, {})
             eval_batch_size = int(job.runtime.get("eval_batch_size") or 512)
-            tasks.append(ModelTask(index, job, action, signal_keys, eval_batch_size))
+            tasks.append(
+                ModelTask(
+                    index, job, action, stored.get("signal_keys", set()), eval_batch_size,
+                    stored_checkpoint=checkpoint_location(db_path, job.model_key, stored.get("checkpoint")),
+                    checkpoint_sha256=stored.get("sha256"), retrain=job.model_key in retrain_keys,
+                )
+            )  # fmt: skip
         context = RunContext(
             db_path, datasets, torch_device, provenance, thread_count or 1, reporter, len(jobs)
         )

@@ -117,16 +117,30 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def load_checkpoint(
-    source: Path | bytes, device: torch.device | str = "cpu"
+    source: Path | bytes, device: torch.device | str = "cpu", expect: dict[str, Any] | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network and load its weights with weights_only=True (no arbitrary unpickling).
 
     `source` is a checkpoint file or its bytes (a Ray worker gets them from the driver, not from disk).
+    `expect` (model_key, arch, width, input_shape, n_classes) is compared with the file's own record before
+    anything is built: a checkpoint of another model (swapped files, an MLP under a CNN's key) is refused.
     """
+    from robmia_db.errors import CheckpointError
+
+    shown = "the checkpoint" if isinstance(source, bytes) else f"checkpoint {source}"
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     payload = torch.load(source, map_location=device, weights_only=True)
     meta = payload["meta"]
+    for key, wanted in (expect or {}).items():
+        found = meta.get(key)
+        if key == "input_shape":
+            found, wanted = list(found or []), list(wanted)
+        if found != wanted and not (key == "model_key" and found is None):
+            raise CheckpointError(
+                f"{shown} holds model {meta.get('model_key')} ({meta.get('arch')}, {key} {found!r}), "
+                f"not {expect.get('model_key')} ({expect.get('arch')}, {key} {wanted!r})"
+            )
     model = build_model(
         meta["arch"], meta["input_shape"], meta["n_classes"], meta["width"], meta.get("options")
     )

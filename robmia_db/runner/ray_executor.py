@@ -208,7 +208,8 @@ def _model_task(
         result = compute_model(
             task.job, task.action, task.existing_signal_keys, dataset, folder, device, reporter, provenance,
             task.eval_batch_size, dataset_checksum=checksum, prior_checkpoint=prior_checkpoint,
-            checkpoint_as_bytes=handoff == "object",
+            checkpoint_as_bytes=handoff == "object", stored_checkpoint=task.stored_checkpoint,
+            checkpoint_sha256=task.checkpoint_sha256, retrain=task.retrain,
         )  # fmt: skip
         reporter.flush()
         if handoff == "shared":
@@ -344,9 +345,10 @@ class _Driver:
                     if id(dataset) not in dataset_refs:
                         dataset_refs[id(dataset)] = ray.put(dataset)  # once per dataset, shared by all tasks
                         checksums[id(dataset)] = context.datasets.checksum(dataset)
-                    checkpoint = self.checkpoints / f"{task.job.model_key}.pt"
+                    checkpoint = task.stored_checkpoint or self.checkpoints / f"{task.job.model_key}.pt"
                     # a stored checkpoint travels with the task: the worker may not see the driver's disk
-                    prior = checkpoint.read_bytes() if checkpoint.exists() else None
+                    # (it is verified there against the store's sha256 before use; a retrain ignores it)
+                    prior = checkpoint.read_bytes() if checkpoint.exists() and not task.retrain else None
                     ref = remote.remote(
                         task, dataset_refs[id(dataset)], str(self.checkpoints.resolve()), context.provenance,
                         context.threads, checksums[id(dataset)], prior, options.handoff, str(self.incoming.resolve()),

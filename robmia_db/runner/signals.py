@@ -24,11 +24,14 @@ def perturbation_logits(
     settings: dict[str, Any],
     batch_size: int = 512,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """float32 logits for every row of x under one perturbation, and (verified only) verified correctness."""
+    """float32 logits for every row of x under one perturbation, and (verified only) verified correctness.
+
+    Batches stay on x's device and are copied to the host once at the end (no per-batch transfers).
+    """
     model.eval()
     kind = settings["kind"]
-    outputs: list[np.ndarray] = []
-    correct: list[np.ndarray] = []
+    outputs: list[torch.Tensor] = []
+    correct: list[torch.Tensor] = []
     generator = None
     if kind == "adversarial" and settings.get("random_start"):
         generator = torch.Generator(device=x.device).manual_seed(int(settings.get("seed", 0)))
@@ -52,12 +55,12 @@ def perturbation_logits(
                 logits = bounds.worst_case_logits(lb, yb)
                 others = torch.ones_like(lb, dtype=torch.bool)
                 others[torch.arange(len(yb)), yb] = False
-                correct.append((torch.where(others, lb, torch.ones_like(lb)) > 0).all(dim=1).cpu().numpy())
+                correct.append((torch.where(others, lb, torch.ones_like(lb)) > 0).all(dim=1))
         else:
             raise ValueError(f"unknown perturbation kind {kind!r}")
-        outputs.append(logits.detach().float().cpu().numpy())
-    logits_all = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
-    return logits_all, (np.concatenate(correct) if correct else None)
+        outputs.append(logits.detach().float())
+    logits_all = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, 0), np.float32)
+    return logits_all, (torch.cat(correct).cpu().numpy() if correct else None)
 
 
 def compute_signal_columns(

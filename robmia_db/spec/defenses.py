@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 class DefenseParams(BaseModel):
     """Base class: strict keys; `uses_eps` says whether the training eps is part of the model's identity."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     uses_eps: ClassVar[bool] = True
     summary: ClassVar[str] = ""
 

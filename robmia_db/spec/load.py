@@ -19,6 +19,10 @@ from robmia_db.spec.defenses import DEFENSE_PARAMS, DefenseParams
 from robmia_db.spec.identity import model_key, signal_key
 from robmia_db.spec.models import ExperimentSpec
 
+# expanding is ~0.5 ms a model: a runaway sweep is refused before seconds of silent work (and hours of runs)
+MAX_MODELS_PER_SPEC = 20_000
+MAX_SPEC_BYTES = 4 * 2**20
+
 
 @dataclass
 class PerturbationJob:
@@ -95,6 +99,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"must be an integer{shown}"
     if kind in ("float_type", "float_parsing"):
         return f"must be a number{shown}"
+    if kind == "finite_number":
+        return f"must be a finite number{shown}"
     if kind in ("bool_type", "bool_parsing"):
         return f"must be true or false{shown}"
     if kind in ("string_type",):
@@ -186,6 +192,10 @@ def read_spec(path: str | Path) -> tuple[str, ExperimentSpec | None, list[SpecEr
         return "", None, [SpecError(path, None, "file not found")]
     if path.is_dir():
         return "", None, [SpecError(path, None, "is a folder, not a spec file")]
+    if not path.is_file():  # /dev/zero would be read forever, a FIFO would block until a writer came
+        return "", None, [SpecError(path, None, "is not a regular file (a device, pipe or socket)")]
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        return "", None, [SpecError(path, None, f"is larger than {MAX_SPEC_BYTES // 2**20} MiB: not a spec")]
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -247,6 +257,17 @@ def _semantic_errors(path: Path, spec: ExperimentSpec) -> list[SpecError]:
                 path, "membership.n_members", "random_halves takes population, not n_members/n_nonmembers"
             )
         )
+    errors += _mlp_hidden_errors(path, spec) + _attack_name_errors(path, spec)
+    planned = planned_models(spec)
+    if planned > MAX_MODELS_PER_SPEC:
+        errors.append(
+            SpecError(
+                path,
+                "training",
+                f"the sweep expands to {planned:,} models, more than {MAX_MODELS_PER_SPEC:,} per spec: "
+                "narrow it or split it across specs",
+            )
+        )
     for index, schedule_milestone in enumerate(spec.training.lr_schedule.milestones):
         if schedule_milestone > spec.training.epochs:
             errors.append(
@@ -257,6 +278,79 @@ def _semantic_errors(path: Path, spec: ExperimentSpec) -> list[SpecError]:
                 )
             )
     return errors
+
+
+def planned_models(spec: ExperimentSpec) -> int:
+    """How many models the sweep expands to, counted before expanding it (natural ignores eps: an upper bound)."""
+    n_models = spec.membership.n_models if spec.membership.scheme == "random_halves" else 1
+    return (
+        len(spec.model.width)
+        * len(spec.training.defenses)
+        * len(spec.training.eps)
+        * len(spec.training.seeds)
+    ) * n_models
+
+
+def _mlp_hidden_errors(path: Path, spec: ExperimentSpec) -> list[SpecError]:
+    """`hidden = [-5]` used to become one unit silently; the sizes are checked here, before any torch."""
+    hidden = spec.model.options.get("hidden")
+    if spec.model.arch != "mlp" or hidden is None:
+        return []
+    if not isinstance(hidden, list) or not hidden:
+        return [
+            SpecError(
+                path, "model.options.hidden", f"must be a non-empty list of layer sizes (got {hidden!r})"
+            )
+        ]
+    for index, size in enumerate(hidden):
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1_000_000:
+            return [
+                SpecError(
+                    path,
+                    f"model.options.hidden[{index}]",
+                    f"must be an integer in [1, 1000000] (got {size!r})",
+                )
+            ]
+    return []
+
+
+def _known_attack_names(spec_path: Path, paths: list[str]) -> set[str] | None:
+    """Attack names by file stem (an attack's name is its file's stem), without executing any attack file.
+
+    None when an installed plugin adds attacks: their names are known only by running the plugin.
+    """
+    from importlib import metadata
+
+    if list(metadata.entry_points(group="robmia_db.attacks")):
+        return None
+    folders = [Path(__file__).resolve().parents[1] / "attacks" / "builtin"]
+    names: set[str] = set()
+    for raw in paths:
+        path = spec_path.parent / raw
+        if path.is_dir():
+            folders.append(path)
+        elif path.suffix in (".sql", ".py"):
+            names.add(path.stem)
+    for folder in folders:
+        names |= {
+            p.stem for p in folder.iterdir() if p.suffix in (".sql", ".py") and not p.name.startswith("_")
+        }
+    return names
+
+
+def _attack_name_errors(path: Path, spec: ExperimentSpec) -> list[SpecError]:
+    if not spec.attacks.names:
+        return []
+    known = _known_attack_names(path, spec.attacks.paths)
+    if known is None:
+        return []
+    return [
+        SpecError(
+            path, f"attacks.names[{index}]", f"unknown attack {name!r} (known: {', '.join(sorted(known))})"
+        )
+        for index, name in enumerate(spec.attacks.names)
+        if name not in known
+    ]
 
 
 def defense_params(spec: ExperimentSpec, defense: str) -> DefenseParams:

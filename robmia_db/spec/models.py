@@ -11,10 +11,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+INT32_MAX = 2**31 - 1  # the store's INTEGER columns (seed, counts, ids): larger values cannot be stored
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `eps = true` or `epochs = "1"` is an error, never a coercion; no inf/nan anywhere
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _as_list(value: Any) -> Any:
@@ -32,12 +34,18 @@ class DataSection(Strict):
         "names its data)"
     )
     root: str | None = Field(None, description="folder or file to read the dataset from (else $ROBMIA_DATA)")
-    split_seed: int = Field(0, ge=0, description="seed of the member / non-member split")
+    split_seed: int = Field(0, ge=0, le=INT32_MAX, description="seed of the member / non-member split")
     n_train: int | None = Field(
-        None, gt=0, description="use a seeded subset of this many examples of the dataset's train split"
+        None,
+        gt=0,
+        le=INT32_MAX,
+        description="use a seeded subset of this many examples of the dataset's train split",
     )
     n_test: int | None = Field(
-        None, gt=0, description="use a seeded subset of this many examples of the dataset's test split"
+        None,
+        gt=0,
+        le=INT32_MAX,
+        description="use a seeded subset of this many examples of the dataset's test split",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="loader options (e.g. Yale split)")
 
@@ -49,14 +57,17 @@ class MembershipSection(Strict):
         "paper's scheme); random_halves: each of n_models models trains on its own seeded random half",
     )
     n_members: int | None = Field(
-        None, gt=0, description="train_test: number of members (default: the whole train split)"
+        None, gt=0, le=INT32_MAX, description="train_test: number of members (default: the whole train split)"
     )
     n_nonmembers: int | None = Field(
-        None, gt=0, description="train_test: number of evaluated non-members (default: all the rest)"
+        None,
+        gt=0,
+        le=INT32_MAX,
+        description="train_test: number of evaluated non-members (default: all the rest)",
     )
     n_models: int = Field(1, gt=0, le=1024, description="random_halves: models in the population")
     population: int | None = Field(
-        None, gt=1, description="random_halves: population size (default: every example)"
+        None, gt=1, le=INT32_MAX, description="random_halves: population size (default: every example)"
     )
 
 
@@ -64,8 +75,8 @@ class ModelSection(Strict):
     arch: Literal["mlp", "cnn", "yale_vgg", "fmnist_vgg", "wide_resnet"] = Field(
         "cnn", description="architecture (plain nn.Sequential except wide_resnet)"
     )
-    width: list[Annotated[float, Field(gt=0)]] = Field(
-        default_factory=lambda: [1.0], description="width multiplier, or a list to sweep"
+    width: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
+        default_factory=lambda: [1.0], min_length=1, description="width multiplier, or a list to sweep"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="architecture options (depth, ...)")
 
@@ -83,7 +94,7 @@ class LrScheduleSection(Strict):
     name: Literal["constant", "multistep", "cosine"] = Field(
         "constant", description="learning-rate schedule, stepped per epoch: constant, multistep or cosine"
     )
-    milestones: list[Annotated[int, Field(gt=0)]] = Field(
+    milestones: list[Annotated[int, Field(gt=0, le=INT32_MAX)]] = Field(
         default_factory=list, description="multistep: epochs at which lr is multiplied by gamma"
     )
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: factor at each milestone")
@@ -94,13 +105,15 @@ class TrainingSection(Strict):
         default_factory=lambda: ["natural"], min_length=1, description="defenses to train (a sweep axis)"
     )
     eps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
-        default_factory=lambda: [0.1], description="L-inf training budget on [0,1] inputs (a sweep axis)"
+        default_factory=lambda: [0.1],
+        min_length=1,
+        description="L-inf training budget on [0,1] inputs (a sweep axis)",
     )
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+    seeds: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field(
         default_factory=lambda: [0], min_length=1, description="training seeds (a sweep axis)"
     )
     epochs: int = Field(20, gt=0, le=100000, description="passes over the members")
-    batch_size: int = Field(64, gt=0, description="training batch size")
+    batch_size: int = Field(64, gt=0, le=INT32_MAX, description="training batch size")
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     lr_schedule: LrScheduleSection = Field(default_factory=LrScheduleSection)
 
@@ -131,7 +144,7 @@ class AdversarialSignal(Strict):
     steps: int = Field(20, gt=0, le=10000, description="PGD steps (paper: 20)")
     step_size: float | Literal["auto"] = Field("auto", description='"auto" = 2.5 * eps / steps (paper)')
     random_start: bool = Field(False, description="uniform random start (paper: no)")
-    seed: int = Field(0, ge=0, description="seed of the random start")
+    seed: int = Field(0, ge=0, le=INT32_MAX, description="seed of the random start")
 
     @field_validator("eps", "step_size")
     @classmethod
@@ -168,7 +181,7 @@ class AttacksSection(Strict):
 class RuntimeSection(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="never part of a model's identity")
     threads: int | None = Field(None, gt=0, le=256, description="torch threads (default 1 on CPU)")
-    eval_batch_size: int = Field(512, gt=0, description="batch size for recording signals")
+    eval_batch_size: int = Field(512, gt=0, le=INT32_MAX, description="batch size for recording signals")
 
 
 class ExperimentSpec(Strict):

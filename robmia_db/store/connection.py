@@ -22,25 +22,51 @@ from pathlib import Path
 
 import duckdb
 
-from robmia_db.errors import StoreError, StoreLockedError
+from robmia_db.errors import StoreError, StoreLockedError, UnfinishedStoreError
 from robmia_db.store import schema
 
 DEFAULT_TIMEOUT_S = 15.0
+_configured_timeout_s: float | None = None  # set once per process by the CLI's --timeout
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.*?) \(PID (?P<pid>\d+)\)")
+
+
+def set_default_timeout(seconds: float | None) -> None:
+    """The CLI's `--timeout`: how long every store open waits for a busy store (None = the defaults)."""
+    global _configured_timeout_s
+    _configured_timeout_s = seconds
+
+
+def _timeout(given: float | None, default: float) -> float:
+    if given is not None:
+        return given
+    return _configured_timeout_s if _configured_timeout_s is not None else default
+
+
+def resolved(db_path: str | Path) -> Path:
+    """The store's real path: a symlink and its target are one store (one run lock, one checkpoint folder)."""
+    return Path(db_path).expanduser().resolve()
 
 
 def checkpoint_dir(db_path: str | Path) -> Path:
     """Checkpoints live beside the store: `robmia.duckdb` -> `robmia.checkpoints/`."""
-    path = Path(db_path)
+    path = resolved(db_path)
     return path.with_name(path.stem + ".checkpoints")
 
 
-def _holder_from_error(message: str) -> str:
+def _holder_from_error(message: str) -> str | None:
     match = _LOCK_HOLDER.search(message)
-    if not match:
-        return "another process"
+    if not match or int(match.group("pid")) == os.getpid():
+        return None
     program = Path(match.group("program")).name
     return f"process {match.group('pid')} ({program})"
+
+
+def _holders(path: Path, message: str) -> str:
+    """Who holds the store, naming only other processes (never the process that is waiting)."""
+    holders = [h for h in (_holder_from_error(message),) if h]
+    if _run_lock_is_held(path) and _run_lock_pid(path) not in (None, os.getpid()):
+        holders.append(_run_lock_holder(path))
+    return ", ".join(holders) or "another process"
 
 
 def _is_lock_error(exc: Exception) -> bool:
@@ -52,6 +78,13 @@ def _settings(con: duckdb.DuckDBPyConnection, threads: int | None, memory_limit:
     con.execute(f"SET threads = {int(threads or min(2, os.cpu_count() or 1))}")
     if memory_limit:
         con.execute(f"SET memory_limit = '{memory_limit}'")
+
+
+def _run_lock_pid(db_path: Path) -> int | None:
+    try:
+        return int(json.loads(db_path.with_name(db_path.name + ".lock").read_text()).get("pid"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _run_lock_holder(db_path: Path) -> str:
@@ -66,37 +99,95 @@ def _run_lock_holder(db_path: Path) -> str:
         return "another run"
 
 
+def _user_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    rows = con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' AND table_type = 'BASE TABLE'"
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _missing_views(con: duckdb.DuckDBPyConnection) -> list[str]:
+    rows = con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' AND table_type = 'VIEW'"
+    ).fetchall()
+    present = {row[0] for row in rows}
+    return [view for view in schema.PUBLIC_VIEWS if view not in present]
+
+
+def _check_kind(con: duckdb.DuckDBPyConnection, path: Path, version: int, read_only: bool) -> None:
+    """Refuse a foreign DuckDB file; finish (write) or explain (read) a store left half-created."""
+    if version > schema.SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, newer than this robmia-db ({schema.SCHEMA_VERSION})"
+        )
+    if version == 0:
+        tables = _user_tables(con)
+        if tables - {"schema_version"}:
+            raise StoreError(
+                f"{path} is not a robmia-db store (a DuckDB file with other tables and no schema version); "
+                "refusing to touch it: choose another --db"
+            )
+        if read_only:
+            raise UnfinishedStoreError(
+                f"{path} is not a robmia-db store yet (an empty DuckDB file, as an interrupted store creation "
+                "leaves); any write command finishes it (`robmia-db run SPEC` or `robmia-db import FILE`)"
+            )
+    elif read_only and version == schema.SCHEMA_VERSION:
+        missing = _missing_views(con)
+        if missing:
+            raise StoreError(
+                f"{path} lacks the view {missing[0]} (dropped?); a write command recreates the views "
+                "(`robmia-db run SPEC` or `robmia-db score`)"
+            )
+
+
 def connect(
     db_path: str | Path,
     *,
     read_only: bool,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float | None = None,
     threads: int | None = None,
     memory_limit: str | None = None,
     create: bool = False,
+    wait_forever: bool = False,
+    on_wait=None,
 ) -> duckdb.DuckDBPyConnection:
-    """Open the store, retrying while another process holds it; migrate the schema on write opens."""
-    path = Path(db_path)
+    """Open the store, retrying while another process holds it; migrate the schema on write opens.
+
+    `wait_forever` (with `on_wait(message)` called once per timeout period) is for writes that must not
+    be lost, such as a finished model: a reader that holds the file delays it, never discards it.
+    """
+    path = Path(db_path)  # as the user gave it, for messages; DuckDB opens the resolved file
+    real = resolved(db_path)
+    timeout_s = _timeout(timeout_s, DEFAULT_TIMEOUT_S)
     if not path.exists() and not create:
         raise StoreError(f"no store at {path} (create one with `robmia-db run SPEC` or `robmia-db import`)")
+    if path.exists() and not path.is_file():
+        raise StoreError(
+            f"{path} is not a store file ({'a folder' if path.is_dir() else 'not a regular file'})"
+        )
     if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the folder of {path}: {exc.strerror or exc}") from None
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(str(real), read_only=read_only)
             break
         except duckdb.IOException as exc:
             if not _is_lock_error(exc):
                 raise StoreError(f"cannot open {path}: {str(exc).splitlines()[0]}") from exc
             if time.monotonic() >= deadline:
-                holder = _holder_from_error(str(exc))
-                if path.with_name(path.name + ".lock").exists() and _run_lock_is_held(path):
-                    holder += f", {_run_lock_holder(path)}"
-                raise StoreLockedError(
-                    f"{path} is locked by {holder}; waited {timeout_s:g} s (retry, or raise --timeout)"
-                ) from exc
+                holder = _holders(real, str(exc))
+                if not wait_forever:
+                    raise StoreLockedError(
+                        f"{path} is locked by {holder}; waited {timeout_s:g} s (retry, or raise --timeout)"
+                    ) from exc
+                (on_wait or _print_wait)(f"waiting for {holder} to release {path}; nothing is lost meanwhile")
+                deadline = time.monotonic() + max(timeout_s, 1.0)
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
         except duckdb.Error as exc:
@@ -104,15 +195,10 @@ def connect(
     try:
         _settings(con, threads, memory_limit)
         version = schema.current_version(con)
-        if version > schema.SCHEMA_VERSION:
-            raise StoreError(
-                f"{path} has schema version {version}, newer than this robmia-db ({schema.SCHEMA_VERSION})"
-            )
+        _check_kind(con, path, version, read_only)
         if not read_only:
             schema.migrate(con)
         elif version < schema.SCHEMA_VERSION:
-            if version == 0:
-                raise StoreError(f"{path} is not a robmia-db store (no schema_version table)")
             con.close()
             # an older store is migrated in a short write session, then reopened read-only
             connect(
@@ -127,9 +213,13 @@ def connect(
     return con
 
 
+def _print_wait(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def reading(
-    db_path: str | Path, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs
+    db_path: str | Path, timeout_s: float | None = None, **kwargs
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short read-only session; closes (and so releases the file) on exit."""
     con = connect(db_path, read_only=True, timeout_s=timeout_s, **kwargs)
@@ -140,9 +230,11 @@ def reading(
 
 
 @contextlib.contextmanager
-def writing(db_path: str | Path, timeout_s: float = 60.0, **kwargs) -> Iterator[duckdb.DuckDBPyConnection]:
+def writing(
+    db_path: str | Path, timeout_s: float | None = None, **kwargs
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short write session: open, yield, close. Callers wrap their changes in one transaction."""
-    con = connect(db_path, read_only=False, timeout_s=timeout_s, create=True, **kwargs)
+    con = connect(db_path, read_only=False, timeout_s=_timeout(timeout_s, 60.0), create=True, **kwargs)
     try:
         yield con
     finally:
@@ -155,13 +247,31 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     try:
         yield con
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback(con)
         raise
-    con.execute("COMMIT")
+    try:
+        con.execute("COMMIT")
+    except duckdb.Error as exc:  # disk full, I/O error: the transaction is gone, nothing of it stored
+        rollback(con)
+        raise StoreError(
+            f"could not write the store, nothing of this write was kept: {_first_line(exc)}"
+        ) from exc
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back if a transaction is still open (a failed COMMIT has already ended it)."""
+    with contextlib.suppress(duckdb.Error):
+        con.execute("ROLLBACK")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _run_lock_is_held(db_path: Path) -> bool:
     lock_path = db_path.with_name(db_path.name + ".lock")
+    if not lock_path.is_file():
+        return False
     try:
         with open(lock_path, "a+") as handle:
             try:
@@ -176,11 +286,19 @@ def _run_lock_is_held(db_path: Path) -> bool:
 
 @contextlib.contextmanager
 def run_lock(db_path: str | Path, command: str | None = None) -> Iterator[None]:
-    """Hold `<db>.lock` for a whole run; the OS releases it if the process dies (kill -9 included)."""
-    path = Path(db_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Hold `<db>.lock` for a whole run; the OS releases it if the process dies (kill -9 included).
+
+    The lock sits beside the resolved store, so `--db link.duckdb` and `--db target.duckdb` share it.
+    """
+    path = resolved(db_path)
     lock_path = path.with_name(path.name + ".lock")
-    handle = open(lock_path, "a+")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if lock_path.exists() and not lock_path.is_file():
+            raise StoreError(f"cannot lock {path}: {lock_path} is not a file (remove it)")
+        handle = open(lock_path, "a+")
+    except OSError as exc:
+        raise StoreError(f"cannot lock {path}: {lock_path}: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -53,6 +53,7 @@ class ModelRecord:
     finished_at: datetime | None = None
     train_seconds: float | None = None
     train_history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_sha256: str | None = None
 
     def row(self) -> list[Any]:
         return [
@@ -61,7 +62,7 @@ class ModelRecord:
             self.n_members, self.n_nonmembers, self.n_classes, self.input_shape, json.dumps(self.config),
             self.status, self.error, self.checkpoint, self.dataset_checksum, self.git_commit, self.git_dirty,
             json.dumps(self.package_versions), self.host, self.device, self.started_at, self.finished_at,
-            self.train_seconds, json.dumps(self.train_history),
+            self.train_seconds, json.dumps(self.train_history), self.checkpoint_sha256,
         ]  # fmt: skip
 
 
@@ -79,7 +80,7 @@ class PerturbationRecord:
     seconds: float | None = None
 
 
-MODEL_COLUMNS = 30
+MODEL_COLUMNS = 31
 
 
 def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -91,7 +92,8 @@ def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> di
     try:
         rows = con.execute(
             """
-            SELECT m.model_key, m.status, m.checkpoint, list(p.signal_key) FILTER (WHERE p.signal_key IS NOT NULL)
+            SELECT m.model_key, m.status, m.checkpoint, m.checkpoint_sha256,
+                   list(p.signal_key) FILTER (WHERE p.signal_key IS NOT NULL)
             FROM models m JOIN wanted_keys USING (model_key)
             LEFT JOIN perturbations p USING (model_key)
             GROUP BY ALL
@@ -100,8 +102,13 @@ def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> di
     finally:
         con.unregister("wanted_keys")
     return {
-        key: {"status": status, "checkpoint": checkpoint, "signal_keys": set(signal_keys or [])}
-        for key, status, checkpoint, signal_keys in rows
+        key: {
+            "status": status,
+            "checkpoint": checkpoint,
+            "sha256": sha256,
+            "signal_keys": set(signal_keys or []),
+        }
+        for key, status, checkpoint, sha256, signal_keys in rows
     }
 
 
@@ -236,6 +243,7 @@ def write_model(
     """
     with transaction(con):
         if membership is not None:
+            _drop_model_results(con, model.model_key)
             con.execute("DELETE FROM membership WHERE model_key = ?", [model.model_key])
             con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
             con.execute(f"INSERT INTO models VALUES ({', '.join(['?'] * MODEL_COLUMNS)})", model.row())
@@ -247,10 +255,27 @@ def write_model(
                 )
             finally:
                 con.unregister("incoming_membership")
+        else:
+            # new perturbations from a checkpoint that verified: an earlier error of this model is over
+            con.execute("UPDATE models SET error = NULL WHERE model_key = ?", [model.model_key])
         if examples is not None and model.dataset:
             _insert_examples(con, model.dataset, examples)
         for record in perturbations:
             _insert_perturbation(con, record)
+
+
+def _drop_model_results(con: duckdb.DuckDBPyConnection, model_key: str) -> None:
+    """A (re)trained model replaces everything derived from its old weights (`run --retrain`)."""
+    keys = [
+        row[0]
+        for row in con.execute(
+            "SELECT signal_key FROM perturbations WHERE model_key = ?", [model_key]
+        ).fetchall()
+    ]
+    if not keys:
+        return  # no scan of the index-free signals table for a model that never had signals
+    for table in ("scores", "metrics", "attack_skips", "signals", "perturbations"):
+        con.execute(f"DELETE FROM {table} WHERE model_key = ?", [model_key])
 
 
 def write_failed_model(con: duckdb.DuckDBPyConnection, model: ModelRecord) -> None:
@@ -258,7 +283,10 @@ def write_failed_model(con: duckdb.DuckDBPyConnection, model: ModelRecord) -> No
     with transaction(con):
         rows = con.execute("SELECT status FROM models WHERE model_key = ?", [model.model_key]).fetchall()
         if rows and rows[0][0] == "completed":
-            return  # a completed model that only failed to add a perturbation keeps its status
+            # a completed model that only failed to add a perturbation keeps its status and its signals,
+            # and shows why in v_models.error (the run's summary points there)
+            con.execute("UPDATE models SET error = ? WHERE model_key = ?", [model.error, model.model_key])
+            return
         con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
         model.status = "failed"
         con.execute(f"INSERT INTO models VALUES ({', '.join(['?'] * MODEL_COLUMNS)})", model.row())

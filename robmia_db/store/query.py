@@ -13,12 +13,12 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from robmia_db.errors import StoreError
-from robmia_db.store.connection import DEFAULT_TIMEOUT_S, reading
+from robmia_db.errors import StoreError, safe_text
+from robmia_db.store.connection import reading
 
 
 def run_query(
-    db_path: str | Path, sql: str, params: dict[str, Any] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    db_path: str | Path, sql: str, params: dict[str, Any] | None = None, timeout_s: float | None = None
 ) -> pa.Table:
     """Run SQL on a read-only connection and return an Arrow table; SQL errors become one-line StoreErrors."""
     with reading(db_path, timeout_s=timeout_s) as con:
@@ -76,7 +76,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):
         inner = ", ".join(_cell(v) for v in value[:6])
         return f"[{inner}{', ...' if len(value) > 6 else ''}]"
-    return str(value)
+    return safe_text(value)  # a name with terminal escapes is shown, never executed
 
 
 def format_result(table: pa.Table, fmt: str, max_rows: int = 200) -> str:

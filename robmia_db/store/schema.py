@@ -1,11 +1,12 @@
 """Store layer: the DuckDB schema, its migrations and the public views (the contract later layers read).
 
 Tables may change behind the views; the views' names and columns are pinned by tests/test_store_schema.py.
-Migrations are plain SQL applied in order, each in its own transaction, recorded in `schema_version`.
+Migrations are plain SQL applied in order, all in one transaction (with the views), recorded in `schema_version`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timezone
 
 import duckdb
@@ -196,7 +197,11 @@ MIGRATIONS: list[str] = [
     # from the logits (robmia_db/store/signals.py); stores written before it hold NULL there, and the
     # reference-model attacks then compute phi from the stored float32 probabilities as the reference code does
     "ALTER TABLE signals ADD COLUMN confidence_logit DOUBLE;",
-    # 6: scoring integrity (issues 9, 12, 14; owner: the scoring core). Attack headers' decision rule and
+    # 6 (reliability, issue 14 item 4): each checkpoint's sha256, checked before the file is used again, so
+    # a swapped or replaced checkpoint fails its model instead of storing another model's signals.
+    # `models.checkpoint` holds the path relative to the store's folder from now on (found after a rename).
+    "ALTER TABLE models ADD COLUMN checkpoint_sha256 VARCHAR;",
+    # 7: scoring integrity (issues 9, 12, 14; owner: the scoring core). Attack headers' decision rule and
     # non-finite policy, parameter variants (`base_name`), where an attack came from; per-metric decision
     # accuracy/TPR/FPR, TPR at 0.01% FPR, how many non-finite scores a declared policy mapped, why a
     # calibrated number is NULL; metrics pooled over the targets of a fleet. Stored metrics predate the
@@ -212,7 +217,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE metrics ADD COLUMN decision_fpr DOUBLE;
     ALTER TABLE metrics ADD COLUMN n_nonfinite INTEGER;
     ALTER TABLE metrics ADD COLUMN calibration_note VARCHAR;
-    UPDATE metrics SET inputs_key = 'pre-v6:' || inputs_key;
+    UPDATE metrics SET inputs_key = 'pre-v7:' || inputs_key;
     CREATE TABLE fleet_metrics (
         attack_key VARCHAR NOT NULL,
         perturbation VARCHAR NOT NULL,
@@ -406,6 +411,15 @@ PUBLIC_VIEWS = (
 )
 
 
+def _views_sql() -> str:
+    views = VIEWS_SQL
+    for alias in ("x", "f"):
+        views = views.replace(
+            f"LOW_FPR_NOTE({alias}.n_nonmembers)", low_fpr_note_sql(f"{alias}.n_nonmembers")
+        )
+    return views
+
+
 def current_version(con: duckdb.DuckDBPyConnection) -> int:
     exists = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
@@ -417,31 +431,41 @@ def current_version(con: duckdb.DuckDBPyConnection) -> int:
 
 
 def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None) -> int:
-    """Bring the schema to SCHEMA_VERSION and (re)create the views. Returns the starting version."""
+    """Bring the schema to SCHEMA_VERSION and (re)create the views. Returns the starting version.
+
+    Everything happens in one transaction: a new store is created and migrated at once, so a kill at any
+    moment leaves either a complete store or an empty file (which the next write open finishes), never a
+    store with an empty `schema_version` that every later command refuses.
+    """
+    from robmia_db.testhooks import kill_point
+
     start = current_version(con)
     if start > SCHEMA_VERSION:
         raise StoreError(
             f"the store has schema version {start}, newer than this robmia-db ({SCHEMA_VERSION}): upgrade robmia-db"
         )
-    if start == 0:
-        con.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)"
-        )
-    for version in range(start, SCHEMA_VERSION):
-        con.execute("BEGIN TRANSACTION")
-        try:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if start == 0:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)"
+            )
+        for version in range(start, SCHEMA_VERSION):
             con.execute(MIGRATIONS[version])
             con.execute("INSERT INTO schema_version VALUES (?, ?)", [version + 1, datetime.now(timezone.utc)])
-            con.execute("COMMIT")
-        except Exception:
+        if start < SCHEMA_VERSION:
+            kill_point("store-migrating")
+        con.execute(_views_sql())
+        for sql in extra_views or []:
+            con.execute(sql)
+        con.execute("COMMIT")
+    except BaseException as exc:
+        with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended the transaction
             con.execute("ROLLBACK")
-            raise
-    views = VIEWS_SQL
-    for alias in ("x", "f"):
-        views = views.replace(
-            f"LOW_FPR_NOTE({alias}.n_nonmembers)", low_fpr_note_sql(f"{alias}.n_nonmembers")
-        )
-    con.execute(views)
-    for sql in extra_views or []:
-        con.execute(sql)
+        if isinstance(exc, duckdb.Error):
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise StoreError(
+                f"could not create or upgrade the store's schema (nothing changed): {first}"
+            ) from exc
+        raise
     return start
