@@ -32,7 +32,8 @@ import robmia_db.attacks.scoring as scoring  # noqa: E402
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_invariance.json"
 OFFLINE_SQL = """-- title = "offline loss ratio against OUT references"
 -- needs = ["signal", "reference_models"]
-SELECT t.model_key, t.example_id, avg(r.loss) FILTER (WHERE NOT r.is_member) - t.loss AS score
+SELECT t.model_key, t.example_id,
+       coalesce(avg(r.loss) FILTER (WHERE NOT r.is_member), avg(r.loss)) - t.loss AS score
 FROM target t JOIN reference r ON r.target_model_key = t.model_key AND r.example_id = t.example_id
 GROUP BY t.model_key, t.example_id, t.loss
 """
