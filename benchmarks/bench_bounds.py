@@ -7,7 +7,7 @@ after). At the end it prints the kernel goals at 28x28, eps 0.1: IBP within 2x a
 or below 0.51 ms and CROWN at or below auto_LiRPA's 26.5 ms per sample (defenses.md section 5.2). The networks are the ones of defenses.md section 5 at their default
 initialisation (seeded), on scikit-learn digits scaled to [0, 1] (bilinearly resized to 28x28).
 
-Usage: python benchmarks/bench_bounds.py [--out benchmarks/results/bench_bounds.json] [--repeats 3]
+Usage: python benchmarks/bench_bounds.py [--out benchmarks/results/bench_bounds.json] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -165,16 +165,31 @@ def bench_setting(
 
 
 def goals(run: dict[str, object]) -> list[dict[str, object]]:
-    """The issue's kernel goals, checked on the 28x28, eps 0.1 run."""
+    """The issue's kernel goals, checked on the 28x28, eps 0.1 run.
+
+    The anchors (0.51 and 26.5 ms) were measured on a quiet machine. On a loaded shared machine even CPU
+    time inflates (caches and memory bandwidth are shared), so each time is also rescaled by this run's own
+    PGD-20 baseline against the PGD-20 time measured beside the anchors (1.07 ms): "scaled" below.
+    """
     timings = run["timings"]
+    slowdown = timings["pgd20"]["cpu_ms_per_sample"] / REFERENCE_MS["28x28"]["pgd20"]
     checks = [
-        ("IBP / forward pass", timings["ibp"]["x_forward"], "x forward", 2.0),
-        ("CROWN-IBP", timings["crown_ibp"]["cpu_ms_per_sample"], "ms/sample", 0.51),
-        ("CROWN intersected with IBP", timings["crown"]["cpu_ms_per_sample"], "ms/sample", 26.5),
+        ("IBP / forward pass", timings["ibp"]["x_forward"], 1.0, "x forward", 2.0),
+        ("CROWN-IBP", timings["crown_ibp"]["cpu_ms_per_sample"], slowdown, "ms/sample", 0.51),
+        ("CROWN intersected with IBP", timings["crown"]["cpu_ms_per_sample"], slowdown, "ms/sample", 26.5),
     ]
     return [
-        {"name": name, "measured": value, "unit": unit, "goal": goal, "met": value <= goal}
-        for name, value, unit, goal in checks
+        {
+            "name": name,
+            "measured": value,
+            "scaled": value / scale,
+            "unit": unit,
+            "goal": goal,
+            "met": value <= goal,
+            "met_scaled": value / scale <= goal,
+            "machine_slowdown_vs_defenses_md_pgd20": slowdown,
+        }
+        for name, value, scale, unit, goal in checks
     ]
 
 
@@ -182,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_bounds.json"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="only 28x28 at eps 0.1 (the goals' setting)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -193,10 +209,10 @@ def main() -> None:
         "runs": [],
     }
     results["load_average_before"] = os.getloadavg()
-    for size in ("28x28", "8x8"):
+    for size in ("28x28",) if args.quick else ("28x28", "8x8"):
         model = network(size)
         x_all, y_all = digits(size, 128)
-        for eps in (0.1, 0.02):
+        for eps in (0.1,) if args.quick else (0.1, 0.02):
             results["runs"].append(bench_setting(model, x_all, y_all, size, eps, args.repeats))
     results["load_average_after"] = os.getloadavg()
     results["goals"] = goals(results["runs"][0])
@@ -204,10 +220,15 @@ def main() -> None:
         f"\nload average before / after: {results['load_average_before']} / {results['load_average_after']}"
     )
     print("kernel goals at 28x28, eps 0.1 (CPU ms per sample, 1 thread):")
+    slowdown = results["goals"][0]["machine_slowdown_vs_defenses_md_pgd20"]
+    print(
+        f"  (this run's PGD-20 is {slowdown:.2f}x the 1.07 ms measured beside the anchors; 'scaled' divides by it)"
+    )
     for goal in results["goals"]:
         print(
-            f"  {goal['name']:<40s} {goal['measured']:>10.3f} {goal['unit']:<12s} goal <= {goal['goal']:<8g} "
-            f"{'met' if goal['met'] else 'NOT met'}"
+            f"  {goal['name']:<28s} {goal['measured']:>9.3f} {goal['unit']:<10s} scaled {goal['scaled']:>9.3f}"
+            f"  goal <= {goal['goal']:<6g} {'met' if goal['met'] else 'NOT met'}"
+            f" (scaled: {'met' if goal['met_scaled'] else 'NOT met'})"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

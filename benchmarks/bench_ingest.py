@@ -29,6 +29,7 @@ import pyarrow as pa
 from robmia_db.store import ingest
 from robmia_db.store.connection import connect
 from robmia_db.store.signals import signal_table, signals_from_logits
+from robmia_db.store.tables import Model
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_ingest.json"
 
@@ -55,8 +56,13 @@ def ours(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
     record = ingest.PerturbationRecord(
         table["signal_key"][0].as_py(), table["model_key"][0].as_py(), "pgd", "adversarial", 0.1, {}, table
     )
-    model = ingest.ModelRecord(model_key=record.model_key, model_name="bench/m", experiment="bench",
-                               origin="trained", dataset="digits")  # fmt: skip
+    model = Model(
+        model_key=record.model_key,
+        model_name="bench/m",
+        experiment="bench",
+        origin="trained",
+        dataset="digits",
+    )
     ingest.write_model(con, model, None, None, [record])
 
 

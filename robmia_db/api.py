@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
+    from robmia_db.store.tables import Attack, Experiment, Model, Perturbation
+
 DEFAULT_DB = "robmia.duckdb"
 
 
@@ -145,6 +147,11 @@ class ImportedModel:
 
     def __repr__(self) -> str:
         record = self.record
+        if getattr(record, "action", None) == "already stored":  # the same arrays, under another name
+            return (
+                f"ImportedModel(already stored as {record.stored_name!r}, key {self.model_key}; "
+                f"nothing imported, not renamed to {self.model_name!r})"
+            )
         return (
             f"ImportedModel({self.model_name!r}, key {self.model_key}, "
             f"{record.n_members:,} members / {record.n_nonmembers:,} non-members)"
@@ -174,9 +181,41 @@ class Store:
         """Read-only SQL to a pandas DataFrame."""
         return self.query(sql, params).to_pandas()
 
-    def models(self) -> pd.DataFrame:
-        """`v_models` without the config JSON, by experiment and name."""
-        return self.df("SELECT * EXCLUDE (config) FROM v_models ORDER BY experiment, model_name")
+    def _rows(self, cls, where: str = "", params: list | None = None, order: str = "") -> list:
+        from robmia_db.store.connection import reading
+        from robmia_db.store.tables import read_table
+
+        with reading(self.path) as con:
+            return read_table(con, cls, f"{where} {order}".strip(), params)
+
+    def models(self, experiment: str | None = None) -> list[Model]:
+        """The stored models as typed rows (`tables.Model`; `config` and `package_versions` as dicts).
+
+        Accuracies and other joined columns are in the `v_models` view: `store.df("SELECT * FROM v_models")`.
+        """
+        from robmia_db.store.tables import Model
+
+        where, params = ("WHERE experiment = ?", [experiment]) if experiment else ("", [])
+        return self._rows(Model, where, params, "ORDER BY experiment, model_name, model_key")
+
+    def experiments(self) -> list[Experiment]:
+        """The stored experiments as typed rows (`tables.Experiment`), with their latest spec text."""
+        from robmia_db.store.tables import Experiment
+
+        return self._rows(Experiment, order="ORDER BY name")
+
+    def perturbations(self, model_key: str | None = None) -> list[Perturbation]:
+        """Each model's stored perturbations as typed rows (`tables.Perturbation`)."""
+        from robmia_db.store.tables import Perturbation
+
+        where, params = ("WHERE model_key = ?", [model_key]) if model_key else ("", [])
+        return self._rows(Perturbation, where, params, "ORDER BY model_key, name")
+
+    def attacks(self) -> list[Attack]:
+        """Every scored attack version as typed rows (`tables.Attack`: name, source, resolved params)."""
+        from robmia_db.store.tables import Attack
+
+        return self._rows(Attack, order="ORDER BY name, created_at")
 
     def metrics(self) -> pd.DataFrame:
         """`v_metrics`, by model, attack and perturbation."""

@@ -22,7 +22,12 @@ from robmia_db.store.query import run_query
 
 SQL_BUILTINS = ("confidence", "loss", "entropy", "mentropy", "margin", "adv_loss_gap")
 SIGNAL_ATTACKS = ("confidence", "loss", "entropy", "mentropy", "margin")
-REFERENCE_ATTACKS = ("class_thresholds", "attack_model")
+REFERENCE_ATTACKS = (
+    "class_thresholds", "attack_model", "shokri", "lira_online", "lira_offline", "rmia_offline", "rmia_online",
+    "risk_score",
+)  # fmt: skip
+# reference attacks on several kinds at once, scored once per perturbation of the last kind they need
+JOINT_REFERENCE_ATTACKS = ("lira_online_joint", "lira_offline_joint", "lira_online_joint_verified")
 STORE_TABLES = (
     "models",
     "membership",

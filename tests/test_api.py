@@ -156,6 +156,34 @@ def test_api_signatures_are_explicit_and_documented():
     assert robmia_db.open_store("x.duckdb").path == Path("x.duckdb")
 
 
+def test_readme_block_typed_rows_are_the_stored_rows(readme_run):
+    from robmia_db.store.tables import Attack, Experiment, Model, Perturbation
+
+    folder, ns = readme_run
+    views = Store(folder / "notebook.duckdb")
+    typed = ns["typed"]
+    assert all(isinstance(m, Model) for m in typed)
+    stored = views.df("SELECT model_key, model_name, n_members, spec_text FROM v_models ORDER BY model_key")
+    assert sorted(m.model_key for m in typed) == list(stored["model_key"])
+    for model in typed:
+        row = stored[stored.model_key == model.model_key].iloc[0]
+        assert (model.model_name, model.n_members) == (row.model_name, row.n_members)
+        assert model.spec_text == (row.spec_text if isinstance(row.spec_text, str) else None)
+    assert ns["epochs"] == 5 and "[training]" in ns["spec"]  # the model's own spec text, as trained
+    experiments, perturbations, attacks = ns["runs_of"]
+    assert [e.name for e in experiments] == sorted(
+        views.df("SELECT experiment FROM v_experiments")["experiment"]
+    )
+    assert all(isinstance(e, Experiment) for e in experiments)
+    trained = ns["trained"]
+    assert trained.experiment == "quickstart" and trained.origin == "trained"
+    assert perturbations and all(
+        isinstance(p, Perturbation) and p.model_key == trained.model_key for p in perturbations
+    )
+    assert sorted(a.name for a in attacks) == sorted(views.df("SELECT attack FROM v_attacks")["attack"])
+    assert all(isinstance(a, Attack) for a in attacks)
+
+
 def test_run_refuses_unknown_executor_and_ray_options_before_any_work(tmp_path: Path):
     from robmia_db.errors import RobmiaError
 

@@ -50,7 +50,7 @@ from robmia_db.attacks.metrics import METRIC_COLUMNS, reference_metrics
 from robmia_db.attacks.registry import BUILTIN_DIR, load_registry
 from robmia_db.attacks.scoring import AttackOutcome, score_attacks
 from robmia_db.cli import main
-from robmia_db.errors import AttackDefinitionError, ImportDataError
+from robmia_db.errors import AttackDefinitionError
 
 INTEGER_METRICS = ("n_members", "n_nonmembers", "tp_at_best", "fp_at_best", "auc_numerator2")
 FLOAT_METRICS = tuple(c for c in METRIC_COLUMNS if c not in INTEGER_METRICS)
@@ -687,12 +687,14 @@ def test_attack_model_scores_and_metrics(any_population: Population):
 
 def test_imported_models_over_other_examples_are_not_references(tmp_path: Path):
     db = tmp_path / "mixed.duckdb"
-    outputs = {"ten": synthetic_outputs(71, n=100), "seven": synthetic_outputs(72, n=80, n_classes=7)}
-    # other examples under one --dataset are refused at import, so they can never become references
-    with pytest.raises(ImportDataError, match="these are not the same examples"):
-        import_synthetic(db, tmp_path / "npz", outputs, dataset="shared")
+    # the importer refuses the same example ids with other labels under one dataset: "seven" has its own ids
+    outputs = {
+        "ten": synthetic_outputs(71, n=100),
+        "seven": synthetic_outputs(72, n=80, n_classes=7, example_id=np.arange(1000, 1080)),
+    }
+    import_synthetic(db, tmp_path / "npz", outputs, dataset="shared")
     (outcome,) = score_attacks(db, ["class_thresholds"])
-    assert outcome.scored == 0 and len(outcome.skipped) == 2
+    assert outcome.scored == 0 and len(outcome.skipped) == 4
 
 
 def test_new_perturbation_scores_only_new_pairs(population: Population, tmp_path: Path):

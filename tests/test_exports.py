@@ -25,7 +25,8 @@ def store(tmp_path_factory):
         ("pgd_b", 3, "pgd_at"),
         ("pgd_c", 4, "pgd_at"),
     ]:
-        path = synthetic_outputs(seed, n=300).save(folder / f"{name}.npz")
+        labels = np.random.default_rng(0).integers(0, 10, 300)  # one dataset: the same examples
+        path = synthetic_outputs(seed, n=300, labels=labels).save(folder / f"{name}.npz")
         import_outputs(db, path, "npz", name=name, dataset="faces_v1", defense=defense)
     score_attacks(db, ["confidence", "loss"], resamples=200)
     return db

@@ -277,7 +277,9 @@ def test_ccs2019_golden_confidence_matches_the_paper_loop(tmp_path: Path):
                 "--name",
                 name,
                 "--dataset",
-                "yale",
+                # the two synthetic files are not the same examples (their labels differ per id), which the
+                # importer refuses under one dataset name
+                f"yale-{name}",
                 "--db",
                 str(db),
             ],
@@ -330,4 +332,4 @@ def test_ccs2019_golden_confidence_matches_the_paper_loop(tmp_path: Path):
                 acc2 = np.mean(np.argmax(test, axis=1) == arrays["test_label"])
                 assert models[name]["train_acc"] == pytest.approx(acc1, abs=1e-12)
                 assert models[name]["test_acc"] == pytest.approx(acc2, abs=1e-12)
-        assert models[name]["dataset"] == "yale" and models[name]["origin"] == "imported"
+        assert models[name]["dataset"] == f"yale-{name}" and models[name]["origin"] == "imported"

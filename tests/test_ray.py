@@ -197,6 +197,7 @@ def _sql(db: Path, query: str):
     return CliRunner().invoke(main, ["sql", query, "--db", str(db), "--format", "csv", "--timeout", "30"])
 
 
+@pytest.mark.slow  # a second Ray cluster in a subprocess: 173 s measured with 2 cores at load average 17
 def test_killed_driver_rerun_resumes_without_duplicates_and_sql_reads_during_the_run(cluster, tmp_path):
     from robmia_db.runner.executor import RayOptions, run_specs
     from robmia_db.store.connection import checkpoint_dir
@@ -263,3 +264,31 @@ def test_killed_driver_rerun_resumes_without_duplicates_and_sql_reads_during_the
     for key, finished_at in stored.items():
         again = run_query(db, "SELECT finished_at FROM models WHERE model_key = $k", {"k": key}).to_pylist()
         assert again == [{"finished_at": finished_at}]  # not retrained
+
+
+def test_only_the_ray_executor_imports_ray():
+    """Ray is optional: no other module of the package imports it (parsed, not grepped), and `run --help`
+    in a fresh process imports neither ray nor torch."""
+    import ast
+
+    importers = set()
+    for path in (REPO / "robmia_db").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            if any(name == "ray" or name.startswith("ray.") for name in names):
+                importers.add(path.relative_to(REPO).as_posix())
+    assert importers == {"robmia_db/runner/ray_executor.py"}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "robmia_db", "run", "--help"],
+        capture_output=True, text=True, timeout=120, env=clean_env(),
+    )  # fmt: skip
+    assert result.returncode == 0 and "--executor [local|ray]" in result.stdout
+    imported = {
+        line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "click" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("ray", "torch")}

@@ -10,6 +10,7 @@ Song & Mittal's code).
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -433,3 +434,52 @@ def test_report_pools_each_attacks_roc_over_a_defenses_models(fleet: Fleet):
     assert {*SINGLE, *JOINT} <= names
     lira = next(c for c in charts if c["attack"] == "lira_online")
     assert len(lira["curves"]) == len(PERTURBATIONS)  # one defense (imported) x three perturbations
+
+
+def test_shokri_trains_one_attack_model_per_class_on_the_references_only(fleet: Fleet):
+    """Restated with scikit-learn on the fleet's float32 probability vectors: per target and class, an MLP
+    on the other models' members vs non-members of that class (balanced by the same seeded subsample)."""
+    from attack_fixtures import paper_softmax
+    from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_limits
+
+    (outcome,) = score_attacks(fleet.db, ["shokri"], params={"max_iter": 50})
+    assert outcome.scored == len(fleet.keys) * len(PERTURBATIONS)
+    probs = np.array([paper_softmax(z) for z in fleet.logits["benign"]]).astype(np.float64)
+    order = np.argsort(fleet.keys)
+    for t in (0, 3):
+        expected = np.zeros(len(fleet.labels))
+        for label in np.unique(fleet.labels):
+            cls = fleet.labels == label
+            others = [i for i in order if i != t]
+            x = np.concatenate([probs[i][cls] for i in others])
+            y = np.concatenate([fleet.members[i][cls] for i in others])
+            rng = np.random.default_rng(0)
+            size = min(y.sum(), (~y).sum())
+            keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(y), size, replace=False),
+                                           rng.choice(np.flatnonzero(~y), size, replace=False)]))  # fmt: skip
+            model = MLPClassifier(hidden_layer_sizes=(64,), max_iter=50, random_state=0)
+            with threadpool_limits(1), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # 50 iterations need not converge: both sides stop alike
+                model.fit(x[keep], y[keep])
+            expected[cls] = model.predict_proba(probs[t][cls])[:, list(model.classes_).index(True)]
+        np.testing.assert_allclose(stored(fleet.db, "shokri", fleet.keys[t], "benign"), expected, rtol=1e-12)
+
+
+def test_runner_records_confidence_logit_for_benign_and_pgd(tmp_path: Path):
+    """Trained through the runner: phi agrees with the stored float64 loss, phi = log p - log(1 - p) with
+    log p = -loss, on every row of every perturbation kind recorded."""
+    import torch
+    from attack_fixtures import population_spec
+
+    from robmia_db.runner.executor import run_specs
+
+    torch.set_num_threads(1)
+    db = tmp_path / "runner.duckdb"
+    summary = run_specs([population_spec(tmp_path / "p.toml", signals=("benign", "pgd"), epochs=3)], db)
+    assert not summary.failed
+    rows = query(db, "SELECT kind, loss, confidence_logit FROM v_signals")
+    assert {r["kind"] for r in rows} == {"benign", "adversarial"} and len(rows) == 3 * 300 * 2
+    loss = np.array([r["loss"] for r in rows])
+    phi = np.array([r["confidence_logit"] for r in rows])
+    np.testing.assert_allclose(phi, -loss - np.log(-np.expm1(-loss)), rtol=1e-9, atol=1e-9)

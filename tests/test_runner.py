@@ -271,7 +271,10 @@ def test_dry_run_trains_nothing_and_creates_no_store(write_spec, tmp_path):
     db = tmp_path / "out" / "store.duckdb"
     result = CliRunner().invoke(main, ["run", str(spec), "--db", str(db), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "2 model(s): 2 to train, 0 to add signals to, 0 already stored" in result.stderr
+    assert (
+        "2 model(s): 2 to train (60 training epochs in all), 0 to add signals to, 0 already stored"
+        in " ".join(result.stderr.split())
+    )
     assert "dry run: nothing trained" in result.stdout
     assert not (tmp_path / "out").exists()
 

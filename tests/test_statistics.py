@@ -139,10 +139,20 @@ def test_compare_command_on_a_store(tmp_path):
 
 def test_configurations_view_matches_scipy_t_interval(tmp_path):
     db = tmp_path / "store.duckdb"
+    labels = np.random.default_rng(0).integers(0, 10, 200)  # one dataset: the same examples, the same labels
     for k in range(3):
-        _import(db, tmp_path, f"m{k}", synthetic_outputs(10 + k, n=200), "pgd_at", dataset="d")
+        _import(
+            db,
+            tmp_path,
+            f"m{k}",
+            synthetic_outputs(10 + k, n=200, labels=labels[:200]),
+            "pgd_at",
+            dataset="d",
+        )
     for k in range(32):  # 32 seeds: beyond the t table, the Cornish-Fisher branch
-        _import(db, tmp_path, f"w{k}", synthetic_outputs(50 + k, n=60), "trades", dataset="d")
+        _import(
+            db, tmp_path, f"w{k}", synthetic_outputs(50 + k, n=60, labels=labels[:60]), "trades", dataset="d"
+        )
     score_attacks(db, ["confidence"], resamples=0)
     for defense, n in (("pgd_at", 3), ("trades", 32)):
         values = np.array(

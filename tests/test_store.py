@@ -15,13 +15,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import TrainedStore, use_one_torch_thread
+from schema_v3 import V3_MIGRATIONS
 
 from robmia_db.errors import StoreError
 from robmia_db.store import ingest
 from robmia_db.store.connection import connect, reading, writing
 from robmia_db.store.query import format_result, run_query
-from robmia_db.store.schema import MIGRATIONS, PUBLIC_VIEWS, SCHEMA_VERSION
+from robmia_db.store.schema import PUBLIC_VIEWS, SCHEMA_VERSION
 from robmia_db.store.signals import signal_table, signals_from_logits, signals_from_probs
+from robmia_db.store.tables import Model
 
 TS = "TIMESTAMP WITH TIME ZONE"
 # The public contract. A change here must be deliberate (and documented in the README).
@@ -37,6 +39,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("train_seconds", "DOUBLE"), ("started_at", TS), ("finished_at", TS), ("device", "VARCHAR"),
         ("git_commit", "VARCHAR"), ("git_dirty", "BOOLEAN"), ("host", "VARCHAR"), ("checkpoint", "VARCHAR"),
         ("dataset_checksum", "VARCHAR"), ("config", "JSON"), ("package_versions", "JSON"),
+        ("spec_path", "VARCHAR"), ("spec_text", "VARCHAR"),
     ],
     "v_signals": [
         ("model_key", "VARCHAR"), ("model_name", "VARCHAR"), ("example_id", "INTEGER"), ("label", "INTEGER"),
@@ -148,7 +151,7 @@ def test_read_only_open_migrates_an_older_store(tmp_path):
     db = tmp_path / "old.duckdb"
     con = duckdb.connect(str(db))
     con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)")
-    con.execute(MIGRATIONS[0])
+    con.execute(V3_MIGRATIONS[0])  # a version-1 store, as the code of that time created it
     con.execute("INSERT INTO schema_version VALUES (1, now())")
     con.close()
     assert run_query(db, "SELECT count(*) AS n FROM v_metrics").to_pylist() == [{"n": 0}]
@@ -376,10 +379,8 @@ def _synthetic_table(signal_key: str, model_key: str, n: int, seed: int = 0) -> 
     return signal_table(signal_key, model_key, np.arange(n), labels, np.arange(n) < n // 2, columns)
 
 
-def _model(key: str) -> ingest.ModelRecord:
-    return ingest.ModelRecord(
-        model_key=key, model_name=f"x/{key}", experiment="x", origin="trained", dataset="digits"
-    )
+def _model(key: str) -> Model:
+    return Model(model_key=key, model_name=f"x/{key}", experiment="x", origin="trained", dataset="digits")
 
 
 def test_rewriting_a_perturbation_replaces_its_rows(empty_store):

@@ -52,27 +52,6 @@ class ReferenceMatrix:
         return np.where(self.present & ~self.is_member, self.values, np.nan)
 
 
-def reference_matrix(
-    example_id: np.ndarray, ref_model: np.ndarray, ref_example: np.ndarray, ref_value: np.ndarray, ref_member
-) -> ReferenceMatrix:
-    """Pivot long reference rows (model, example, value, is_member) onto the target's sorted examples."""
-    example_id = np.asarray(example_id)
-    order = np.argsort(example_id, kind="stable")
-    ids = example_id[order]
-    models, row = np.unique(np.asarray(ref_model), return_inverse=True)
-    col = np.searchsorted(ids, ref_example)
-    col_clipped = np.minimum(col, max(len(ids) - 1, 0))
-    known = (col < len(ids)) & (ids[col_clipped] == ref_example) if len(ids) else np.zeros(len(col), bool)
-    shape = (len(models), len(ids))
-    values = np.full(shape, np.nan)
-    members = np.zeros(shape, bool)
-    present = np.zeros(shape, bool)
-    values[row[known], col[known]] = np.asarray(ref_value, dtype=np.float64)[known]
-    members[row[known], col[known]] = np.asarray(ref_member, dtype=bool)[known]
-    present[row[known], col[known]] = True
-    return ReferenceMatrix(ids, values, members, present)
-
-
 def _fill_column_mean(per_example: np.ndarray) -> np.ndarray:
     """TF Privacy's rule for examples without IN (or OUT) references: the mean over the other examples."""
     missing = np.isnan(per_example)
@@ -252,6 +231,21 @@ def _columns(table, names: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def phi_sql(ctx, relation: str, kind: str | None = None) -> str:
+    """phi's columns for one relation: the stored float64 column, plus the float32 probabilities only where
+    some rows predate it (reading the list column costs more than the whole attack otherwise)."""
+    where = "AND kind = $kind" if kind else ""
+    missing = (
+        ctx.sql(
+            f"SELECT count(*) AS n FROM {relation} WHERE confidence_logit IS NULL {where}",
+            {"kind": kind} if kind else None,
+        )
+        .column("n")[0]
+        .as_py()
+    )
+    return PHI_COLUMNS if missing else "confidence_logit AS phi"
+
+
 def read_targets(ctx, value_sql: str, relation: str = "target") -> dict[str, dict[str, np.ndarray]]:
     """Per target model: (example_id, label, value) sorted by example id; no membership (the relation has
     none)."""
@@ -264,46 +258,85 @@ def read_targets(ctx, value_sql: str, relation: str = "target") -> dict[str, dic
     return out
 
 
-def read_references(ctx, value_sql: str, kind: str | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """Per target model T, the reference rows scored for T only (`target_model_key = T`): the fleet minus T.
-    Rows of other targets' reference sets are never used for T, so no target sees its own labels. Each
-    target's rows are ordered by (model key, example id): Song & Mittal's threshold rule keeps the first
-    of tied candidates."""
+@dataclass
+class FleetReferences:
+    """Every reference model's rows of one relation as [model, example] matrices (each reference model's
+    rows are identical whichever target it serves), plus, per target T, the models listed as T's
+    references (`target_model_key = T`). A target only ever reads the rows of its own references, so its
+    own membership is never used for it."""
+
+    model_keys: list[str]  # sorted
+    example_id: np.ndarray  # sorted union over the references
+    values: np.ndarray  # [M, N] float64, NaN where absent
+    is_member: np.ndarray  # [M, N] bool
+    present: np.ndarray  # [M, N] bool
+    label: np.ndarray  # [M, N] int, -1 where absent
+    targets: dict[str, np.ndarray]  # target key -> row indices of its reference models, sorted by key
+
+    def rows_of(self, key: str) -> np.ndarray:
+        return self.targets.get(key, np.zeros(0, dtype=np.int64))
+
+    def long(self, key: str) -> dict[str, np.ndarray]:
+        """T's reference rows in (model key, example id) order: Song & Mittal's threshold rule keeps the
+        first of tied candidates."""
+        rows = self.rows_of(key)
+        present = self.present[rows]
+        return {
+            "value": self.values[rows][present],
+            "is_member": self.is_member[rows][present],
+            "label": self.label[rows][present],
+        }
+
+
+def read_references(ctx, value_sql: str, kind: str | None = None) -> FleetReferences:
+    """The `reference` relation (optionally one kind), deduplicated to one row per (model, example)."""
     where = "WHERE kind = $kind" if kind else ""
+    params = {"kind": kind} if kind else None
     table = ctx.sql(
-        f"SELECT target_model_key, model_key, example_id, label, is_member, {value_sql} FROM reference {where}",
-        {"kind": kind} if kind else None,
+        f"SELECT DISTINCT model_key, example_id, label, is_member, {value_sql} FROM reference {where}", params
     )
+    pairs = ctx.sql(f"SELECT DISTINCT target_model_key, model_key FROM reference {where}", params)
     columns = _columns(table, ["example_id", "label", "is_member"])
     models = _group(table.column("model_key"))
-    ref_index = np.empty(table.num_rows, dtype=np.int64)
-    for rank, name in enumerate(sorted(models)):
-        ref_index[models[name]] = rank
-    columns["ref_index"] = ref_index
-    out = {}
-    for key, rows in _group(table.column("target_model_key")).items():
-        rows = rows[np.lexsort((columns["example_id"][rows], ref_index[rows]))]
-        out[key] = {name: values[rows] for name, values in columns.items()}
-    return out
+    names = sorted(models)
+    row = np.empty(table.num_rows, dtype=np.int64)
+    for rank, name in enumerate(names):
+        row[models[name]] = rank
+    example_id, col = np.unique(columns["example_id"], return_inverse=True)
+    shape = (len(names), len(example_id))
+    present = np.zeros(shape, bool)
+    present[row, col] = True
+    if present.sum() != table.num_rows:
+        raise AttackDefinitionError(
+            None, "the reference relation has differing rows for one (model, example)"
+        )
+    values = np.full(shape, np.nan)
+    values[row, col] = columns["value"]
+    members = np.zeros(shape, bool)
+    members[row, col] = columns["is_member"].astype(bool)
+    labels = np.full(shape, -1, dtype=np.int64)
+    labels[row, col] = columns["label"]
+    rank = {name: i for i, name in enumerate(names)}
+    pair_models = pairs.column("model_key").to_pylist()
+    targets = {
+        key: np.sort(np.array([rank[pair_models[i]] for i in rows], dtype=np.int64))
+        for key, rows in _group(pairs.column("target_model_key")).items()
+    }
+    return FleetReferences(names, example_id, values, members, present, labels, targets)
 
 
-def _references_of(references: dict[str, dict[str, np.ndarray]], key: str) -> dict[str, np.ndarray]:
-    empty = np.zeros(0)
-    return references.get(
-        key,
-        {
-            "ref_index": empty.astype(int),
-            "example_id": empty,
-            "label": empty,
-            "is_member": empty.astype(bool),
-            "value": empty,
-        },
-    )
-
-
-def matrix_for(target: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> ReferenceMatrix:
-    return reference_matrix(
-        target["example_id"], refs["ref_index"], refs["example_id"], refs["value"], refs["is_member"]
+def matrix_for(target: dict[str, np.ndarray], fleet: FleetReferences, key: str) -> ReferenceMatrix:
+    """T's reference matrix over T's own (sorted) examples."""
+    rows = fleet.rows_of(key)
+    ids = target["example_id"]
+    col = np.minimum(np.searchsorted(fleet.example_id, ids), max(len(fleet.example_id) - 1, 0))
+    known = (fleet.example_id[col] == ids) if len(fleet.example_id) else np.zeros(len(ids), bool)
+    present = fleet.present[rows][:, col] & known[None, :]
+    return ReferenceMatrix(
+        ids,
+        np.where(present, fleet.values[rows][:, col], np.nan),
+        fleet.is_member[rows][:, col] & present,
+        present,
     )
 
 
@@ -333,15 +366,13 @@ def lira_attack(ctx, params: dict, attack: str, mode: str, kinds: tuple[str, ...
     totals: dict[str, np.ndarray] = {}
     ids: dict[str, np.ndarray] = {}
     for kind in queries:
-        targets = read_targets(ctx, PHI_COLUMNS, relation=kind or "target")
-        references = read_references(ctx, PHI_COLUMNS, kind=kind)
+        targets = read_targets(ctx, phi_sql(ctx, kind or "target"), relation=kind or "target")
+        references = read_references(ctx, phi_sql(ctx, "reference", kind), kind=kind)
         for key, target in targets.items():
             if key in ids and not np.array_equal(ids[key], target["example_id"]):
                 raise AttackDefinitionError(None, f"{attack}: model {key} has different examples per kind")
             ids[key] = target["example_id"]
-            value = statistic(
-                target["value"], matrix_for(target, _references_of(references, key)), location, variance
-            )
+            value = statistic(target["value"], matrix_for(target, references, key), location, variance)
             totals[key] = value if key not in totals else totals[key] + value
     pieces = []
     for key, total in totals.items():
@@ -370,7 +401,7 @@ def rmia_attack(ctx, params: dict, attack: str, mode: str):
             raise AttackDefinitionError(
                 None, f"{attack}: model {key} has fewer than 2 examples (no population)"
             )
-        refs = matrix_for(target, _references_of(references, key))
+        refs = matrix_for(target, references, key)
         pr_x = np.maximum(rmia_pr_x(refs, mode, a), np.finfo(np.float64).tiny)
         ratio = require_finite(attack, key, target["value"] / pr_x, "no reference model saw any example")
         pieces.append((key, target["example_id"], rmia_fraction(ratio, ratio, gamma, exclude_self=True)))
@@ -393,7 +424,7 @@ def _per_class(ctx, value_sql: str):
     """Per target: its rows, and per class of its examples the references' member and non-member values."""
     references = read_references(ctx, f"{value_sql} AS value")
     for key, target in read_targets(ctx, f"{value_sql} AS value").items():
-        refs = _references_of(references, key)
+        refs = references.long(key)
         members = refs["is_member"].astype(bool)
         classes = []
         for label in np.unique(target["label"]):

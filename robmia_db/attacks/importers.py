@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from robmia_db.spec.identity import content_key
 from robmia_db.store import ingest
 from robmia_db.store.connection import writing
 from robmia_db.store.signals import signal_table, signals_from_logits, signals_from_probs
+from robmia_db.store.tables import Model
 
 CCS2019_KEYS = (
     "output_train_benign", "output_test_benign", "output_train_adversarial", "output_test_adversarial",
@@ -196,6 +198,33 @@ def read_generic_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str,
     return labels, is_member, perturbations, example_id
 
 
+@dataclass
+class ImportResult:
+    """What `import` did: `action` is "imported", "replaced" (same arrays, same name: rewritten in place)
+    or "already stored" (same arrays stored under another name: nothing written, `stored_name` says which)."""
+
+    model_key: str
+    model_name: str
+    action: str
+    stored_name: str | None
+    n_members: int
+    n_nonmembers: int
+    n_classes: int
+    record: Model
+
+    def describe(self) -> str:
+        if self.action == "already stored":
+            return (
+                f"already stored as {self.stored_name} ({self.model_key}): the same arrays make the same model; "
+                f"nothing imported and not renamed to {self.model_name} "
+                f"(`robmia-db rm {self.model_key} --yes` first to import it under the new name)"
+            )
+        return (
+            f"{self.action} {self.model_name} ({self.model_key}): {self.n_members} members, "
+            f"{self.n_nonmembers} non-members, {self.n_classes} classes"
+        )
+
+
 def import_outputs(
     db_path: str | Path,
     path: str | Path,
@@ -204,8 +233,12 @@ def import_outputs(
     experiment: str = "imported",
     dataset: str | None = None,
     defense: str | None = None,
-) -> ingest.ModelRecord:
-    """Validate an output file, then write it as one model (all or nothing). Returns the model record."""
+) -> ImportResult:
+    """Validate an output file, then write it as one model (all or nothing).
+
+    The model key is a hash of the file's content: the same arrays imported again under their stored name
+    are rewritten in place; under another name nothing is written and the result says where they are.
+    """
     path = Path(path)
     if fmt == "ccs2019":
         labels, is_member, perturbations = read_ccs2019(path)
@@ -252,7 +285,7 @@ def import_outputs(
                 signal_key, model_key, item["name"], item["kind"], item["eps"], settings, table
             )
         )
-    record = ingest.ModelRecord(
+    record = Model(
         model_key=model_key, model_name=model_name, experiment=experiment, origin="imported", dataset=dataset_name,
         defense=defense, membership_scheme="imported", n_members=int(is_member.sum()),
         n_nonmembers=int((~is_member).sum()), n_classes=n_classes,
@@ -279,10 +312,19 @@ def import_outputs(
         }
     )
     with writing(db_path) as con:
-        if dataset:
-            _check_same_examples(con, path, dataset, examples)
-        ingest.write_model(con, record, membership, examples, records)
-    return record
+        stored = con.execute("SELECT model_name FROM models WHERE model_key = ?", [model_key]).fetchall()
+        stored_name = stored[0][0] if stored else None
+        if stored_name is not None and stored_name != model_name:
+            action = "already stored"
+        else:
+            action = "replaced" if stored_name is not None else "imported"
+            if dataset:
+                _check_same_examples(con, path, dataset, examples)
+            ingest.write_model(con, record, membership, examples, records)
+    return ImportResult(
+        model_key, model_name, action, stored_name, record.n_members or 0, record.n_nonmembers or 0, n_classes,
+        record,
+    )  # fmt: skip
 
 
 def _check_same_examples(con, path: Path, dataset: str, examples: pa.Table) -> None:

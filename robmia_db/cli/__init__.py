@@ -5,7 +5,7 @@ from __future__ import annotations
 from robmia_db.cli import core_cmd  # noqa: F401  (check, run, sql, models)
 from robmia_db.cli.base import main
 
-for _module in ("attacks_cmd", "report_cmd", "data_cmd", "stats_cmd"):
+for _module in ("attacks_cmd", "report_cmd", "data_cmd", "stats_cmd", "store_cmd"):
     try:
         __import__(f"robmia_db.cli.{_module}")
     except ModuleNotFoundError as _exc:

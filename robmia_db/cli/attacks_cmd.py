@@ -182,8 +182,5 @@ def import_command(path, fmt, name, experiment, dataset, defense) -> None:
     from robmia_db.attacks.importers import import_outputs
     from robmia_db.cli.base import safe
 
-    record = import_outputs(get_state().db_path, path, fmt, name, experiment, dataset, defense)
-    click.echo(
-        f"imported {safe(record.model_name)} ({record.model_key}): {record.n_members} members, "
-        f"{record.n_nonmembers} non-members, {record.n_classes} classes"
-    )
+    result = import_outputs(get_state().db_path, path, fmt, name, experiment, dataset, defense)
+    click.echo(safe(result.describe()))

@@ -229,3 +229,34 @@ def models_command(experiment: str | None, fmt: str) -> None:
         params={"experiment": experiment} if experiment else None,
     )
     click.echo(format_result(table, fmt, max_rows=10_000), nl=False)
+    for line in _shared_name_notes(get_state().db_path, experiment):
+        click.echo(f"note: {line}", err=fmt != "table")
+
+
+def _shared_name_notes(db_path, experiment: str | None) -> list[str]:
+    """One line per name that several stored models carry (a spec edited and rerun under the same name)."""
+    import json
+
+    from robmia_db.spec.identity import config_differences
+    from robmia_db.store.query import run_query
+
+    where = "AND experiment = $experiment" if experiment else ""
+    rows = run_query(
+        db_path,
+        f"""SELECT model_name, model_key, config FROM v_models
+            WHERE model_name IN (SELECT model_name FROM v_models GROUP BY 1 HAVING count(*) > 1) {where}
+            ORDER BY model_name, finished_at NULLS FIRST, model_key""",
+        params={"experiment": experiment} if experiment else None,
+    ).to_pylist()
+    notes = []
+    for previous, current in zip(rows, rows[1:]):
+        if previous["model_name"] != current["model_name"]:
+            continue
+        differences = config_differences(
+            json.loads(previous["config"] or "{}"), json.loads(current["config"] or "{}")
+        )
+        notes.append(
+            f"{current['model_name']} names {previous['model_key']} and {current['model_key']}: "
+            + ("; ".join(differences) or "same settings, another training code version")
+        )
+    return notes

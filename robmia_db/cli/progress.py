@@ -58,6 +58,9 @@ class RichReporter:
         if self.models_task is not None:
             self.progress.update(self.models_task, status=self._counts_line())
 
+    def name_changed(self, change) -> None:
+        console.print(f"[yellow]warning[/yellow]: {change.describe()}", highlight=False, soft_wrap=True)
+
     def plan(self, jobs, actions) -> None:
         todo = sum(1 for a in actions.values() if a != "skip")
         counts = {a: sum(1 for v in actions.values() if v == a) for a in ("train", "signals", "skip")}
@@ -180,6 +183,8 @@ def print_summary(summary, dry_run: bool = False, estimates: dict | None = None)
             fmt(benign, "train"), fmt(benign, "test"), fmt(adversarial, "train"), fmt(adversarial, "test"),
         )  # fmt: skip
     out.print(table)
+    for change in getattr(summary, "name_changes", []):
+        out.print(f"note: {change.describe()}", markup=False, highlight=False, soft_wrap=True)
     if summary.failed:
         console.print(f"[red]{len(summary.failed)} model(s) failed[/red] (full errors: v_models.error):")
         for outcome in summary.failed:

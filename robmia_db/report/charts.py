@@ -269,8 +269,18 @@ def _sweep_skeleton(parameter: str, settings: tuple[float, ...], log_x: bool) ->
             ],
         )
     )
-    # 95 % intervals (over seeds, or the bootstrap of a single model); points without one draw no bar
-    bars = alt.Chart().mark_rule(opacity=0.6).encode(x=x, y="low:Q", y2="high:Q", color="quantity:N")
+    # 95 % intervals (over seeds, or the bootstrap of a single model). A point without one gets a bar of
+    # length 0 at its mean: a panel whose points all lack intervals would otherwise give the y scale an
+    # infinite extent (Vega warns in the console and the panel's scale breaks).
+    bars = (
+        alt.Chart()
+        .transform_calculate(
+            bar_low="isValid(datum.low) ? datum.low : datum.mean",
+            bar_high="isValid(datum.high) ? datum.high : datum.mean",
+        )
+        .mark_rule(opacity=0.6)
+        .encode(x=x, y="bar_low:Q", y2="bar_high:Q", color="quantity:N")
+    )
     base = alt.layer(line, bars).properties(width=260, height=200)
     chart = alt.FacetChart(
         data=alt.NamedData(name="sweep_points"),

@@ -46,9 +46,11 @@ from robmia_db.runner.models import (
 )
 from robmia_db.runner.signals import compute_signal_columns
 from robmia_db.spec import LoadedSpec, ModelJob, PerturbationJob, load_specs
+from robmia_db.spec.identity import config_differences
 from robmia_db.store import ingest
 from robmia_db.store.connection import checkpoint_dir, resolved, run_lock, writing
 from robmia_db.store.signals import signal_table
+from robmia_db.store.tables import Model
 from robmia_db.testhooks import fail_point, kill_point, wait_point
 
 PARTIAL_SAVE_INTERVAL_S = 30.0
@@ -103,9 +105,27 @@ class ModelOutcome:
 
 
 @dataclass
+class NameChange:
+    """A name that now maps to a different model key than a stored model of that name (an edited spec)."""
+
+    model_name: str
+    model_key: str
+    stored_key: str
+    differences: list[str]
+
+    def describe(self) -> str:
+        what = "; ".join(self.differences) or "the same settings (the training code version differs)"
+        return (
+            f"{self.model_name} now names model {self.model_key}; the stored model {self.stored_key} keeps "
+            f"that name too. Differences: {what}"
+        )
+
+
+@dataclass
 class RunSummary:
     db_path: Path
     outcomes: list[ModelOutcome]
+    name_changes: list[NameChange] = field(default_factory=list)
 
     @property
     def failed(self) -> list[ModelOutcome]:
@@ -185,7 +205,9 @@ def _located(path: Path, key: str, exc: Exception) -> SpecError:
     """A SpecError under `key`, unless the message already names its own dotted key."""
     message = str(exc)
     head = message.split(":", 1)[0]
-    if head.startswith(key.split(".")[0]) and " " not in head:
+    top = key.split(".")[0]
+    # a dotted key of this section (`data.root`), not a path that merely starts with its name (`data/x.npz`)
+    if (head == top or head.startswith((top + ".", top + "["))) and " " not in head:
         return SpecError(path, None, message)
     return SpecError(path, key, message)
 
@@ -381,7 +403,7 @@ def _save_partial(path, job, model, optimizer, scheduler, order, epoch, history,
 
 
 def _model_record(job, dataset, split, checkpoint, provenance, started_at, train_seconds, history, device):
-    return ingest.ModelRecord(
+    return Model(
         model_key=job.model_key, model_name=job.model_name, experiment=job.experiment, origin="trained",
         dataset=job.dataset, arch=job.arch, width=job.width, defense=job.defense, eps=job.eps, seed=job.seed,
         model_index=job.model_index, membership_scheme=job.identity["membership"]["scheme"],
@@ -392,6 +414,7 @@ def _model_record(job, dataset, split, checkpoint, provenance, started_at, train
         dataset_checksum=None, git_commit=provenance[0], git_dirty=provenance[1],
         package_versions=provenance[2], host=socket.gethostname(), device=str(device), started_at=started_at,
         finished_at=datetime.now(timezone.utc), train_seconds=train_seconds, train_history=history,
+        spec_path=job.spec_path, spec_text=job.spec_text,
     )  # fmt: skip
 
 
@@ -406,7 +429,7 @@ class ModelResult:
 
     job: ModelJob
     action: str
-    record: ingest.ModelRecord
+    record: Model
     membership: pa.Table | None
     examples: pa.Table | None
     perturbations: list[ingest.PerturbationRecord]
@@ -643,18 +666,35 @@ def run_local(tasks: list[ModelTask], context: RunContext) -> list[ModelOutcome]
     return outcomes
 
 
-def _stored_state(db_path: Path, jobs: list[ModelJob], write: bool = False) -> dict[str, dict[str, Any]]:
-    """What the store holds of these jobs. `write` (under the run lock) also finishes a store whose creation
-    was interrupted; without it such a store holds nothing yet."""
+def _stored_state(
+    db_path: Path, jobs: list[ModelJob], write: bool = False
+) -> tuple[dict[str, dict[str, Any]], list[NameChange]]:
+    """What the store holds of these jobs, and stored models whose name a job now gives another key.
+
+    `write` (under the run lock) also finishes a store whose creation was interrupted; without it such a
+    store holds nothing yet."""
     if not db_path.exists():
-        return {}
+        return {}, []
     from robmia_db.store.connection import reading
 
     try:
         with (writing if write else reading)(db_path) as con:
-            return ingest.existing_models(con, [job.model_key for job in jobs])
+            existing = ingest.existing_models(con, [job.model_key for job in jobs])
+            clashes = ingest.same_name_models(con, [(job.model_name, job.model_key) for job in jobs])
     except UnfinishedStoreError:
-        return {}
+        return {}, []
+    identities = {job.model_key: job.identity for job in jobs}
+    changes = [
+        NameChange(name, new, old, config_differences(config, identities[new]))
+        for name, new, old, config in clashes
+    ]
+    return existing, changes
+
+
+def _warn_name_changes(reporter: Reporter, changes: list[NameChange]) -> None:
+    """Before any training: a name that now means another model is said, with what differs."""
+    for change in changes:
+        notify(reporter, "name_changed", change)
 
 
 def training_epochs(jobs: list[ModelJob], actions: dict[str, str]) -> int:
@@ -773,6 +813,7 @@ def run_specs(
                 ]
                 continue
             seen[job.model_key] = job
+            job.spec_text = item.text  # each model keeps the text of the spec that asked for it first
             jobs.append(job)
     retrain_keys = _retrain_keys(jobs, retrain or [])
     thread_count = threads or next(
@@ -792,28 +833,31 @@ def run_specs(
     parallel = 1 if executor == "local" else (ray_options.max_parallel or 0)
 
     if dry_run:
-        existing = _stored_state(db_path, jobs)
+        existing, changes = _stored_state(db_path, jobs)
         actions = _plan(jobs, existing, retrain_keys)
+        _warn_name_changes(reporter, changes)
         _announce(reporter, db_path, jobs, actions, parallel)
-        return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs])
+        return RunSummary(db_path, [ModelOutcome(job, actions[job.model_key]) for job in jobs], changes)
 
     outcomes: list[ModelOutcome] = []
-    existing = _stored_state(db_path, jobs)
+    existing, changes = _stored_state(db_path, jobs)
     actions = _plan(jobs, existing, retrain_keys)
     if all(action == "skip" for action in actions.values()):
         # nothing to train: no run lock, so this never meets (or waits on) another run that holds it
+        _warn_name_changes(reporter, changes)
         _announce(reporter, db_path, jobs, actions, parallel)
         _record_metadata(db_path, loaded, jobs, existing)
         for index, job in enumerate(jobs):
             reporter.model_started(job, index, len(jobs), "skip")
             outcomes.append(ModelOutcome(job, "skip"))
             reporter.model_finished(outcomes[-1])
-        return RunSummary(db_path, outcomes)
+        return RunSummary(db_path, outcomes, changes)
     with run_lock(db_path):
         # planned again under the lock: a run that finished meanwhile is seen, and a refused run prints
         # no plan
-        existing = _stored_state(db_path, jobs, write=True)
+        existing, changes = _stored_state(db_path, jobs, write=True)
         actions = _plan(jobs, existing, retrain_keys)
+        _warn_name_changes(reporter, changes)
         _announce(reporter, db_path, jobs, actions, parallel)
         _confirm_size(jobs, actions, confirm_above)
         clean_leftovers(checkpoint_dir(db_path))
@@ -849,4 +893,4 @@ def run_specs(
             outcomes += run_local(tasks, context)
         order = {job.model_key: index for index, job in enumerate(jobs)}
         outcomes.sort(key=lambda outcome: order[outcome.job.model_key])
-    return RunSummary(db_path, outcomes)
+    return RunSummary(db_path, outcomes, changes)

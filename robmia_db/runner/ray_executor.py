@@ -81,10 +81,15 @@ class _SinkReporter:
         if urgent or time.monotonic() - self.last_push >= EVENT_INTERVAL_S:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Push buffered events; `wait` (at the task's end) makes sure the sink holds them before the
+        result reaches the driver, which drains the sink before storing a result and then ignores that
+        model's late events."""
         if self.buffer:
-            self.sink.push.remote(self.buffer)
+            pushed = self.sink.push.remote(self.buffer)
             self.buffer = []
+            if wait:
+                ray.get(pushed)
         self.last_push = time.monotonic()
 
     def epoch_done(self, job, epoch, epochs, stats) -> None:
@@ -211,12 +216,12 @@ def _model_task(
             checkpoint_as_bytes=handoff == "object", stored_checkpoint=task.stored_checkpoint,
             checkpoint_sha256=task.checkpoint_sha256, retrain=task.retrain,
         )  # fmt: skip
-        reporter.flush()
+        reporter.flush(wait=True)
         if handoff == "shared":
             return _to_shared(result, Path(incoming))
         return result
     except Exception as exc:  # the model's own failure: recorded by the driver, not retried by Ray
-        reporter.flush()
+        reporter.flush(wait=True)
         return _Failure(*failure_text(exc))
 
 

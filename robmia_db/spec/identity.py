@@ -48,3 +48,34 @@ def signal_key(model_key_value: str, settings: dict[str, Any]) -> str:
     return content_key(
         {"model_key": model_key_value, "perturbation": settings, "signal_code_version": SIGNAL_CODE_VERSION}
     )
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(_normalise(value), separators=(",", ":")) if not isinstance(value, str) else value
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two models' identities, one `dotted.key old -> new` per leaf.
+
+    Shown wherever one name maps to two model keys (an edited spec rerun under the same name), so that
+    the user sees why a second model appeared; an empty list means only the training code version differs.
+    """
+    before, after = _flatten(_normalise(old)), _flatten(_normalise(new))
+    lines = []
+    for key in sorted(set(before) | set(after)):
+        if key not in after:
+            lines.append(f"{key} {_shown(before[key])} -> (absent)")
+        elif key not in before:
+            lines.append(f"{key} (absent) -> {_shown(after[key])}")
+        elif before[key] != after[key]:
+            lines.append(f"{key} {_shown(before[key])} -> {_shown(after[key])}")
+    return lines

@@ -54,6 +54,7 @@ class ModelJob:
     perturbations: list[PerturbationJob] = field(default_factory=list)
     runtime: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None
+    spec_text: str | None = None  # the spec file's text, kept with the model it trains
 
 
 @dataclass

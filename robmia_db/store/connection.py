@@ -26,6 +26,9 @@ from robmia_db.errors import StoreError, StoreLockedError, UnfinishedStoreError
 from robmia_db.store import schema
 
 DEFAULT_TIMEOUT_S = 15.0
+# New stores are written in the oldest on-disk format that holds everything we use (lists, JSON, HUGEINT,
+# TIMESTAMPTZ all exist in it), so DuckDB 1.x clients open them; DuckDB 2.x's default format they refuse.
+STORAGE_VERSION = "v1.0.0"
 _configured_timeout_s: float | None = None  # set once per process by the CLI's --timeout
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.*?) \(PID (?P<pid>\d+)\)")
 
@@ -97,6 +100,19 @@ def _run_lock_holder(db_path: Path) -> str:
         )
     except (OSError, ValueError):
         return "another run"
+
+
+def _create(path: Path) -> None:
+    """Create an empty store file in the compatible format (kept by every later write to it).
+
+    A short connection of its own: DuckDB refuses a second connection in one process whose configuration
+    differs, so the store's usual connections carry no storage option.
+    """
+    try:
+        duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_VERSION}).close()
+    except duckdb.IOException as exc:
+        if not _is_lock_error(exc):  # another process created it first: open it as usual
+            raise StoreError(f"cannot create {path}: {str(exc).splitlines()[0]}") from exc
 
 
 def _user_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
@@ -171,6 +187,8 @@ def connect(
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the folder of {path}: {exc.strerror or exc}") from None
+        if not path.exists():
+            _create(real)
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while True:

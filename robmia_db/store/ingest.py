@@ -1,13 +1,14 @@
 """Store layer: the writes. One finished model (row, membership, perturbations, signals) per transaction.
 
-Per-sample rows go in through Arrow (`con.register` + INSERT ... SELECT), never the ORM or executemany:
+Metadata rows are the SQLModel classes of `tables.py` (one declaration of their columns); per-sample rows go
+in through Arrow (`con.register` + INSERT ... SELECT), never the ORM or executemany:
 those are 560x and 5,300x slower for this shape of data (conventions section 4).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,53 +18,7 @@ import pyarrow as pa
 
 from robmia_db.errors import StoreError
 from robmia_db.store.connection import transaction
-
-
-@dataclass
-class ModelRecord:
-    """One row of `models`: identity columns plus provenance."""
-
-    model_key: str
-    model_name: str
-    experiment: str | None
-    origin: str
-    dataset: str | None
-    arch: str | None = None
-    width: float | None = None
-    defense: str | None = None
-    eps: float | None = None
-    seed: int | None = None
-    model_index: int | None = None
-    membership_scheme: str | None = None
-    n_members: int | None = None
-    n_nonmembers: int | None = None
-    n_classes: int | None = None
-    input_shape: list[int] | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    status: str = "completed"
-    error: str | None = None
-    checkpoint: str | None = None
-    dataset_checksum: str | None = None
-    git_commit: str | None = None
-    git_dirty: bool | None = None
-    package_versions: dict[str, str] = field(default_factory=dict)
-    host: str | None = None
-    device: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    train_seconds: float | None = None
-    train_history: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint_sha256: str | None = None
-
-    def row(self) -> list[Any]:
-        return [
-            self.model_key, self.model_name, self.experiment, self.origin, self.dataset, self.arch,
-            self.width, self.defense, self.eps, self.seed, self.model_index, self.membership_scheme,
-            self.n_members, self.n_nonmembers, self.n_classes, self.input_shape, json.dumps(self.config),
-            self.status, self.error, self.checkpoint, self.dataset_checksum, self.git_commit, self.git_dirty,
-            json.dumps(self.package_versions), self.host, self.device, self.started_at, self.finished_at,
-            self.train_seconds, json.dumps(self.train_history), self.checkpoint_sha256,
-        ]  # fmt: skip
+from robmia_db.store.tables import Model, Perturbation, insert_sql, row_values
 
 
 @dataclass
@@ -80,7 +35,9 @@ class PerturbationRecord:
     seconds: float | None = None
 
 
-MODEL_COLUMNS = 31
+# named columns, from the declaration: a column added later never shifts the values of a positional INSERT
+INSERT_MODEL = insert_sql(Model)
+INSERT_PERTURBATION = insert_sql(Perturbation)
 
 
 def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -110,6 +67,38 @@ def existing_models(con: duckdb.DuckDBPyConnection, model_keys: list[str]) -> di
         }
         for key, status, checkpoint, sha256, signal_keys in rows
     }
+
+
+def same_name_models(
+    con: duckdb.DuckDBPyConnection, wanted: list[tuple[str, str]]
+) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """Stored models that carry one of the given names under another key.
+
+    `wanted` holds (model_name, model_key) pairs; returns (model_name, new key, stored key, stored config)
+    for each stored model whose name is wanted with a different key: an edited spec rerun under its old
+    name trains a second model with that name, and the caller says so.
+    """
+    if not wanted:
+        return []
+    table = pa.table(
+        {
+            "model_name": pa.array([name for name, _ in wanted], pa.string()),
+            "model_key": pa.array([key for _, key in wanted], pa.string()),
+        }
+    )
+    con.register("wanted_names", table)
+    try:
+        rows = con.execute(
+            """
+            SELECT w.model_name, w.model_key, m.model_key, m.config
+            FROM wanted_names w JOIN models m ON m.model_name = w.model_name AND m.model_key != w.model_key
+            WHERE m.model_key NOT IN (SELECT model_key FROM wanted_names)
+            ORDER BY w.model_name, m.finished_at NULLS FIRST, m.model_key
+            """
+        ).fetchall()
+    finally:
+        con.unregister("wanted_names")
+    return [(name, new, old, json.loads(config) if config else {}) for name, new, old, config in rows]
 
 
 def upsert_experiment(
@@ -215,14 +204,12 @@ def _insert_perturbation(con: duckdb.DuckDBPyConnection, record: PerturbationRec
         for key in stale:
             con.execute("DELETE FROM signals WHERE signal_key = ?", [key])
             con.execute("DELETE FROM perturbations WHERE signal_key = ?", [key])
-    con.execute(
-        "INSERT INTO perturbations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            record.signal_key, record.model_key, record.name, record.kind, record.eps,
-            json.dumps(record.settings), record.signals.num_rows, member_acc, nonmember_acc, record.seconds,
-            datetime.now(timezone.utc),
-        ],
+    row = Perturbation(
+        signal_key=record.signal_key, model_key=record.model_key, name=record.name, kind=record.kind,
+        eps=record.eps, settings=record.settings, n_rows=record.signals.num_rows, member_acc=member_acc,
+        nonmember_acc=nonmember_acc, seconds=record.seconds, created_at=datetime.now(timezone.utc),
     )  # fmt: skip
+    con.execute(INSERT_PERTURBATION, row_values(row))
     con.register("incoming_signals", record.signals)
     try:
         con.execute("INSERT INTO signals BY NAME SELECT * FROM incoming_signals")
@@ -232,7 +219,7 @@ def _insert_perturbation(con: duckdb.DuckDBPyConnection, record: PerturbationRec
 
 def write_model(
     con: duckdb.DuckDBPyConnection,
-    model: ModelRecord,
+    model: Model,
     membership: pa.Table | None,
     examples: pa.Table | None,
     perturbations: list[PerturbationRecord],
@@ -246,7 +233,7 @@ def write_model(
             _drop_model_results(con, model.model_key)
             con.execute("DELETE FROM membership WHERE model_key = ?", [model.model_key])
             con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
-            con.execute(f"INSERT INTO models VALUES ({', '.join(['?'] * MODEL_COLUMNS)})", model.row())
+            con.execute(INSERT_MODEL, row_values(model))
             con.register("incoming_membership", membership)
             try:
                 con.execute(
@@ -278,7 +265,7 @@ def _drop_model_results(con: duckdb.DuckDBPyConnection, model_key: str) -> None:
         con.execute(f"DELETE FROM {table} WHERE model_key = ?", [model_key])
 
 
-def write_failed_model(con: duckdb.DuckDBPyConnection, model: ModelRecord) -> None:
+def write_failed_model(con: duckdb.DuckDBPyConnection, model: Model) -> None:
     """Record a model whose training or signals failed, with its error; a rerun retries it."""
     with transaction(con):
         rows = con.execute("SELECT status FROM models WHERE model_key = ?", [model.model_key]).fetchall()
@@ -289,4 +276,4 @@ def write_failed_model(con: duckdb.DuckDBPyConnection, model: ModelRecord) -> No
             return
         con.execute("DELETE FROM models WHERE model_key = ?", [model.model_key])
         model.status = "failed"
-        con.execute(f"INSERT INTO models VALUES ({', '.join(['?'] * MODEL_COLUMNS)})", model.row())
+        con.execute(INSERT_MODEL, row_values(model))

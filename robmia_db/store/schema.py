@@ -1,7 +1,8 @@
 """Store layer: the DuckDB schema, its migrations and the public views (the contract later layers read).
 
-Tables may change behind the views; the views' names and columns are pinned by tests/test_store_schema.py.
-Migrations are plain SQL applied in order, all in one transaction (with the views), recorded in `schema_version`.
+Tables may change behind the views; the views' names and columns are pinned by tests/test_store.py. The
+metadata tables are declared in `tables.py` (SQLModel); the per-sample tables and the steps are plain SQL
+below, applied in order, all in one transaction (with the views), recorded in `schema_version`.
 """
 
 from __future__ import annotations
@@ -31,49 +32,15 @@ def low_fpr_note_sql(n_column: str) -> str:
     )
 
 
-# Each entry upgrades the schema from version i to i + 1.
+# Each entry upgrades the schema from version i to i + 1. The metadata tables (experiments, models,
+# perturbations, attacks, metrics, attack_skips, metric_intervals) are not created or altered here: they are
+# declared in `tables.py` and brought to their declaration by `tables.sync_declared` before these steps run,
+# so a step that changes only a declaration is a comment and `SELECT 1` (its version makes older stores sync).
+# The per-sample tables stay plain DDL: no primary key on `signals` (it would double the file and slow
+# ingest; uniqueness is checked at ingest).
 MIGRATIONS: list[str] = [
-    # 1: the core tables
+    # 1: the core tables (metadata: experiments, models, perturbations)
     """
-    CREATE TABLE experiments (
-        name VARCHAR PRIMARY KEY,
-        description VARCHAR,
-        spec_path VARCHAR,
-        spec_text VARCHAR,
-        updated_at TIMESTAMPTZ
-    );
-    CREATE TABLE models (
-        model_key VARCHAR PRIMARY KEY,
-        model_name VARCHAR NOT NULL,
-        experiment VARCHAR,
-        origin VARCHAR NOT NULL,            -- 'trained' or 'imported'
-        dataset VARCHAR,
-        arch VARCHAR,
-        width DOUBLE,
-        defense VARCHAR,
-        eps DOUBLE,
-        seed INTEGER,
-        model_index INTEGER,
-        membership_scheme VARCHAR,
-        n_members INTEGER,
-        n_nonmembers INTEGER,
-        n_classes INTEGER,
-        input_shape INTEGER[],
-        config JSON,
-        status VARCHAR NOT NULL,            -- 'completed' or 'failed'
-        error VARCHAR,
-        checkpoint VARCHAR,
-        dataset_checksum VARCHAR,
-        git_commit VARCHAR,
-        git_dirty BOOLEAN,
-        package_versions JSON,
-        host VARCHAR,
-        device VARCHAR,
-        started_at TIMESTAMPTZ,
-        finished_at TIMESTAMPTZ,
-        train_seconds DOUBLE,
-        train_history JSON
-    );
     CREATE TABLE examples (
         dataset VARCHAR NOT NULL,
         example_id INTEGER NOT NULL,
@@ -85,20 +52,6 @@ MIGRATIONS: list[str] = [
         example_id INTEGER NOT NULL,
         is_member BOOLEAN NOT NULL
     );
-    CREATE TABLE perturbations (
-        signal_key VARCHAR PRIMARY KEY,
-        model_key VARCHAR NOT NULL,
-        name VARCHAR NOT NULL,
-        kind VARCHAR NOT NULL,
-        eps DOUBLE,
-        settings JSON,
-        n_rows INTEGER,
-        member_acc DOUBLE,
-        nonmember_acc DOUBLE,
-        seconds DOUBLE,
-        created_at TIMESTAMPTZ
-    );
-    -- no primary key: it would double the file and slow ingest; uniqueness is checked at ingest
     CREATE TABLE signals (
         signal_key VARCHAR NOT NULL,
         model_key VARCHAR NOT NULL,
@@ -114,21 +67,8 @@ MIGRATIONS: list[str] = [
         probs FLOAT[]
     );
     """,
-    # 2: attacks, their per-sample scores and metrics (written by `robmia-db score`)
+    # 2: per-sample scores of attacks (metadata: attacks, metrics, attack_skips), written by `robmia-db score`
     """
-    CREATE TABLE attacks (
-        attack_key VARCHAR PRIMARY KEY,     -- hash of name, normalised source and resolved params
-        name VARCHAR NOT NULL,
-        title VARCHAR,
-        paper VARCHAR,
-        description VARCHAR,
-        language VARCHAR,                   -- 'sql' or 'python'
-        source_path VARCHAR,
-        source VARCHAR,
-        params JSON,
-        needs JSON,
-        created_at TIMESTAMPTZ
-    );
     CREATE TABLE scores (
         attack_key VARCHAR NOT NULL,
         model_key VARCHAR NOT NULL,
@@ -136,63 +76,14 @@ MIGRATIONS: list[str] = [
         example_id INTEGER NOT NULL,
         score DOUBLE
     );
-    CREATE TABLE metrics (
-        attack_key VARCHAR NOT NULL,
-        model_key VARCHAR NOT NULL,
-        perturbation VARCHAR NOT NULL,
-        inputs_key VARCHAR NOT NULL,        -- hash of the signal keys the scores were computed from
-        balanced_accuracy DOUBLE,
-        auc DOUBLE,
-        tpr_at_fpr_0 DOUBLE,
-        tpr_at_fpr_1e3 DOUBLE,
-        tpr_at_fpr_1e2 DOUBLE,
-        advantage DOUBLE,
-        threshold DOUBLE,
-        n_members INTEGER,
-        n_nonmembers INTEGER,
-        tp_at_best BIGINT,
-        fp_at_best BIGINT,
-        auc_numerator2 HUGEINT,
-        calibrated_accuracy DOUBLE,         -- balanced accuracy at a threshold chosen on reference models
-        calibrated_threshold DOUBLE,
-        n_reference_models INTEGER,
-        seconds DOUBLE,
-        created_at TIMESTAMPTZ
-    );
-    CREATE TABLE attack_skips (
-        attack_key VARCHAR NOT NULL,
-        model_key VARCHAR NOT NULL,
-        perturbation VARCHAR,
-        reason VARCHAR NOT NULL,
-        created_at TIMESTAMPTZ
-    );
     """,
     # 3: no table change; bumping the version makes older stores refresh their views (v_attacks,
     # v_models.package_versions) on the next open
     "SELECT 1;",
     # 4 (issue 10, statistics): stratified bootstrap intervals beside each metrics row, keyed like it (an
-    # interval of other inputs than the metrics row's is never shown: v_metrics joins on inputs_key too)
-    """
-    CREATE TABLE metric_intervals (
-        attack_key VARCHAR NOT NULL,
-        model_key VARCHAR NOT NULL,
-        perturbation VARCHAR NOT NULL,
-        inputs_key VARCHAR NOT NULL,
-        n_resamples INTEGER NOT NULL,
-        seed BIGINT NOT NULL,
-        confidence DOUBLE NOT NULL,
-        balanced_accuracy_ci_low DOUBLE,
-        balanced_accuracy_ci_high DOUBLE,
-        auc_ci_low DOUBLE,
-        auc_ci_high DOUBLE,
-        tpr_at_fpr_0_ci_low DOUBLE,
-        tpr_at_fpr_0_ci_high DOUBLE,
-        tpr_at_fpr_1e3_ci_low DOUBLE,
-        tpr_at_fpr_1e3_ci_high DOUBLE,
-        tpr_at_fpr_1e2_ci_low DOUBLE,
-        tpr_at_fpr_1e2_ci_high DOUBLE
-    );
-    """,
+    # interval of other inputs than the metrics row's is never shown: v_metrics joins on inputs_key too);
+    # declared: tables.MetricInterval
+    "SELECT 1;",
     # 5 (refattacks): LiRA's logit-scaled confidence phi = log p_y - log(1 - p_y), float64, computed stably
     # from the logits (robmia_db/store/signals.py); stores written before it hold NULL there, and the
     # reference-model attacks then compute phi from the stored float32 probabilities as the reference code does
@@ -200,9 +91,15 @@ MIGRATIONS: list[str] = [
     # 6 (reliability, issue 14 item 4): each checkpoint's sha256, checked before the file is used again, so
     # a swapped or replaced checkpoint fails its model instead of storing another model's signals.
     # `models.checkpoint` holds the path relative to the store's folder from now on (found after a rename).
-    "ALTER TABLE models ADD COLUMN checkpoint_sha256 VARCHAR;",
-    # 7: scoring integrity (issues 9, 12, 14; owner: the scoring core). Attack headers' decision rule and
-    # non-finite policy, parameter variants (`base_name`), where an attack came from; per-metric decision
+    # Declared: Model.checkpoint_sha256
+    "SELECT 1;",
+    # 7: each model keeps the spec text that trained it (an edited spec rerun under the same experiment
+    # name no longer rewrites the provenance of models trained before the edit); older rows stay NULL
+    # rather than guess which version of the experiment's text trained them; declared: Model.spec_path,
+    # Model.spec_text
+    "SELECT 1;",
+    # 8: scoring integrity (issues 9, 12, 14; owner: the scoring core). Attack headers' decision rule and
+    # non-finite policy (columns added here, not declared in tables.py: storemgmt may fold them in), parameter variants (`base_name`), where an attack came from; per-metric decision
     # accuracy/TPR/FPR, TPR at 0.01% FPR, how many non-finite scores a declared policy mapped, why a
     # calibrated number is NULL; metrics pooled over the targets of a fleet. Stored metrics predate the
     # invariance contract and the new checks, so their cache key is invalidated: the next `score` redoes them.
@@ -217,7 +114,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE metrics ADD COLUMN decision_fpr DOUBLE;
     ALTER TABLE metrics ADD COLUMN n_nonfinite INTEGER;
     ALTER TABLE metrics ADD COLUMN calibration_note VARCHAR;
-    UPDATE metrics SET inputs_key = 'pre-v7:' || inputs_key;
+    UPDATE metrics SET inputs_key = 'pre-v8:' || inputs_key;
     CREATE TABLE fleet_metrics (
         attack_key VARCHAR NOT NULL,
         perturbation VARCHAR NOT NULL,
@@ -267,7 +164,7 @@ SELECT m.model_key, m.model_name, m.experiment, m.dataset, m.arch, m.width, m.de
        v.member_acc AS verified_train_acc, v.nonmember_acc AS verified_test_acc, v.eps AS verified_eps,
        (SELECT count(*) FROM perturbations q WHERE q.model_key = m.model_key) AS n_perturbations,
        m.train_seconds, m.started_at, m.finished_at, m.device, m.git_commit, m.git_dirty, m.host,
-       m.checkpoint, m.dataset_checksum, m.config, m.package_versions
+       m.checkpoint, m.dataset_checksum, m.config, m.package_versions, m.spec_path, m.spec_text
 FROM models m
 LEFT JOIN primary_perturbations b ON b.model_key = m.model_key AND b.kind = 'benign'
 LEFT JOIN primary_perturbations a ON a.model_key = m.model_key AND a.kind = 'adversarial'
@@ -450,6 +347,12 @@ def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None
             con.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)"
             )
+        if start < SCHEMA_VERSION:
+            # the declared tables first (created, or given the columns they lack), then the plain steps;
+            # imported here: SQLModel is needed only to create or upgrade a store, not by `sql` or `report`
+            from robmia_db.store.tables import sync_declared
+
+            sync_declared(con)
         for version in range(start, SCHEMA_VERSION):
             con.execute(MIGRATIONS[version])
             con.execute("INSERT INTO schema_version VALUES (?, ?)", [version + 1, datetime.now(timezone.utc)])
