@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from attack_fixtures import (
-    JOINT_REFERENCE_ATTACKS,
     REFERENCE_ATTACKS,
     SIGNAL_ATTACKS,
     SQL_BUILTINS,
@@ -58,6 +57,7 @@ FLOAT_METRICS = tuple(c for c in METRIC_COLUMNS if c not in INTEGER_METRICS)
 CONFIDENCE_BODY = "SELECT model_key, example_id, CAST(confidence AS DOUBLE) AS score FROM target"
 POPULATION_EPOCHS = 25
 SHOKRI_PARAMS = {"max_iter": 10}
+SHOKRI = "attack_model[max_iter=10]"  # a parameter variant is its own attack
 
 
 @dataclass
@@ -149,6 +149,9 @@ def test_stored_metrics_equal_numpy_sklearn_and_the_paper_loop(store: SyntheticS
         for column in INTEGER_METRICS:
             assert row[column] == expected[column], f"{label}: {column}"
         for column in FLOAT_METRICS:
+            if expected[column] is None:  # an FPR level too fine for these non-members
+                assert row[column] is None, f"{label}: {column}"
+                continue
             assert row[column] == pytest.approx(expected[column], abs=1e-12, rel=0), f"{label}: {column}"
         auc = roc_auc_score(outputs.is_member, expected_scores)
         assert row["auc"] == pytest.approx(auc, abs=1e-12, rel=0), label
@@ -214,7 +217,7 @@ def score(ctx, params):
     assert outcome.scored == 3
     stored = all_scores(db)
     for name, perturbation in (("wide", "pgd"), ("wide", "worst"), ("narrow", "pgd")):
-        _, scores, _ = stored[("py_gap", untied_store.keys[name], perturbation)]
+        _, scores, _ = stored[("py_gap[weight=2.0]", untied_store.keys[name], perturbation)]
         expected = 2.0 * reference_scores(untied_store.outputs[name], "adv_loss_gap", perturbation)
         np.testing.assert_allclose(scores, expected, rtol=1e-12, atol=1e-14)
     after = row_counts(db)
@@ -421,25 +424,45 @@ def test_cache_edited_attack_rescored_and_replaced(cache_store: SyntheticStore, 
         )
 
 
-def test_cache_param_override_replaces_rows(cache_store: SyntheticStore, tmp_path: Path):
+def test_param_variants_side_by_side_and_stored_attacks_rescored_on_new_models(
+    cache_store: SyntheticStore, tmp_path: Path
+):
+    """Issue 12 item 5: a --param value is its own attack `name[k=v]`; a plain `score` re-scores every stored
+    attack (user files passed once, variants) on a model added later, from the source kept in the store."""
     db = cache_store.db
+    folder = tmp_path / "gone"
     path = write_attack(
-        tmp_path, "scaled.sql",
+        folder, "scaled.sql",
         sql_attack("SELECT model_key, example_id, confidence * $scale AS score FROM target", params="{ scale = 2.0 }"),
     )  # fmt: skip
     assert _outcomes(db, [path]) == {"scaled": (2, 0)}
-    assert _outcomes(db, [path], params={"scale": 3.0}) == {"scaled": (2, 0)}
+    assert _outcomes(db, [path], params={"scale": 3.0}) == {"scaled[scale=3.0]": (2, 0)}
     result = CliRunner().invoke(
         main, ["score", "--attack", str(path), "--param", "scale=3.0", "--db", str(db)]
     )
     assert result.exit_code == 0, result.output
-    assert "scaled: 0 scored, 2 cached" in result.stdout
-    _, scores, _ = scores_of(db, "scaled", cache_store.keys["solo"], "benign")
+    assert "scaled[scale=3.0]: 0 scored, 2 cached" in result.stdout
     expected = reference_scores(cache_store.outputs["solo"], "confidence", "benign")
-    np.testing.assert_allclose(scores, 3.0 * expected, rtol=1e-6)
-    assert query(db, "SELECT count(*) AS n FROM v_metrics WHERE attack = 'scaled'")[0]["n"] == 2
+    for attack, factor in (("scaled", 2.0), ("scaled[scale=3.0]", 3.0)):
+        _, scores, _ = scores_of(db, attack, cache_store.keys["solo"], "benign")
+        np.testing.assert_allclose(scores, factor * expected, rtol=1e-6)
+        assert query(db, "SELECT count(*) AS n FROM v_metrics WHERE attack = $a", a=attack)[0]["n"] == 2
+    assert query(db, "SELECT base_attack FROM v_attacks WHERE attack = 'scaled[scale=3.0]'") == [
+        {"base_attack": "scaled"}
+    ]
     with pytest.raises(AttackDefinitionError, match=r"unknown parameter 'scale'"):
         load_registry().get("confidence").with_params({"scale": 1.0})
+    # the file is gone; a model added later still gets both, from the stored source
+    shutil.rmtree(folder)
+    later = synthetic_outputs(23, n=120, adversarial={})
+    import_synthetic(db, tmp_path / "later", {"later": later})
+    outcomes = _outcomes(db, None)
+    assert outcomes["scaled"] == (1, 2) and outcomes["scaled[scale=3.0]"] == (1, 2), outcomes
+    key = query(db, "SELECT model_key FROM v_models WHERE model_name = 'later'")[0]["model_key"]
+    later_confidence = reference_scores(later, "confidence", "benign")
+    for attack, factor in (("scaled", 2.0), ("scaled[scale=3.0]", 3.0)):
+        _, scores, _ = scores_of(db, attack, key, "benign")
+        np.testing.assert_allclose(scores, factor * later_confidence, rtol=1e-6)
 
 
 def test_cache_new_model_scores_only_its_pairs(cache_store: SyntheticStore, tmp_path: Path):
@@ -558,7 +581,7 @@ def _score_population(
     with threadpool_limits(1):
         outcomes += score_attacks(db, ["attack_model"], params=SHOKRI_PARAMS, models=[shokri_target])
     keys = {r["model_name"]: r["model_key"] for r in query(db, "SELECT model_name, model_key FROM v_models")}
-    return Population(db, keys, {o.attack.name: o for o in outcomes}, perturbations, shokri_target)
+    return Population(db, keys, {o.attack.base_name: o for o in outcomes}, perturbations, shokri_target)
 
 
 @pytest.fixture(params=["population", "imported_population"])
@@ -573,16 +596,23 @@ def test_population_runs_reference_attacks(any_population: Population):
         expected = len(population.perturbations) if name == "attack_model" else n_units
         assert outcome.scored == expected and outcome.skipped == [], name
     rows = query(
-        population.db, "SELECT attack, model_name, n_reference_models, n_members, n_nonmembers FROM v_metrics"
+        population.db,
+        "SELECT attack, model_name, n_reference_models, n_members, n_nonmembers, calibration_note FROM v_metrics",
     )
     assert len(rows) == (len(population.outcomes) - 1) * n_units + len(population.perturbations)
     half = query(population.db, "SELECT n_members, n_nonmembers FROM v_models LIMIT 1")[0]
     assert all(r["n_members"] == half["n_members"] == r["n_nonmembers"] == half["n_nonmembers"] for r in rows)
-    # calibration needs the attack's scores on the reference models too: the one-target shokri run has none
+    # calibration pools the references' scores: only for attacks that do not read reference models
+    # themselves (theirs would carry the target's labels at second hand), and the one-target shokri run
+    # has none anyway
     assert {(r["attack"], r["n_reference_models"]) for r in rows} == {
-        *((name, 2) for name in population.outcomes if name != "attack_model"),
-        ("attack_model", None),
+        *((name, 2) for name in population.outcomes if name not in REFERENCE_ATTACKS),
+        *((name, None) for name in population.outcomes if name == "class_thresholds"),
+        (SHOKRI, None),
     }
+    for row in rows:
+        if row["attack"] in ("class_thresholds", SHOKRI):
+            assert "nested leave-one-out is not run" in row["calibration_note"], row
     assert query(population.db, "SELECT count(*) AS n FROM v_attack_skips")[0]["n"] == 0
 
 
@@ -615,9 +645,9 @@ def test_calibrated_accuracy_from_reference_thresholds(any_population: Populatio
     rows = query(
         any_population.db,
         "SELECT attack, model_key, perturbation, balanced_accuracy, calibrated_accuracy, calibrated_threshold "
-        "FROM v_metrics WHERE attack != 'attack_model'",
+        "FROM v_metrics WHERE attack NOT LIKE 'attack_model%' AND attack <> 'class_thresholds'",
     )
-    assert len(rows) == (len(any_population.outcomes) - 1) * 3 * len(any_population.perturbations)
+    assert len(rows) == (len(any_population.outcomes) - 2) * 3 * len(any_population.perturbations)
     for row in rows:
         assert row["calibrated_accuracy"] is not None, row
         assert row["calibrated_accuracy"] <= row["balanced_accuracy"] + 1e-12, row
@@ -639,14 +669,14 @@ def test_attack_model_scores_and_metrics(any_population: Population):
     key = any_population.keys[any_population.shokri_target]
     stored = all_scores(any_population.db)
     for perturbation in any_population.perturbations:
-        _, scores, members = stored[("attack_model", key, perturbation)]
+        _, scores, members = stored[(SHOKRI, key, perturbation)]
         assert (
             len(scores) == len(members)
             and np.all((scores >= 0) & (scores <= 1))
             and np.unique(scores).size > 20
         )
         expected = reference_metrics(scores, members)
-        row = metrics_row(any_population.db, "attack_model", key, perturbation)
+        row = metrics_row(any_population.db, SHOKRI, key, perturbation)
         for column in INTEGER_METRICS:
             assert row[column] == expected[column], column
         assert row["auc"] == pytest.approx(roc_auc_score(members, scores), abs=1e-12, rel=0)
@@ -729,13 +759,17 @@ def _builtin_titles() -> dict[str, str]:
 
 def test_attacks_command_lists_builtins_and_user_attacks(tmp_path: Path):
     titles = _builtin_titles()
-    assert set(titles) == {*SQL_BUILTINS, *REFERENCE_ATTACKS, *JOINT_REFERENCE_ATTACKS}
+    assert (
+        set(titles) == set(load_registry(entry_points=False).attacks) >= {*SQL_BUILTINS, *REFERENCE_ATTACKS}
+    )
     result = CliRunner().invoke(main, ["attacks"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == len(titles)
+    python = {p.stem for p in BUILTIN_DIR.glob("*.py") if not p.name.startswith("_")}
     for name, title in titles.items():
-        assert any(re.fullmatch(rf"{name}\s+{re.escape(title)}", line) for line in lines), (name, lines)
+        mark = r"  \[python: trusted code\]" if name in python else ""
+        assert any(re.fullmatch(rf"{name}\s+{re.escape(title)}{mark}", line) for line in lines), (name, lines)
 
     folder = tmp_path / "mine"
     write_attack(folder, "gap.sql", sql_attack(CONFIDENCE_BODY, title="My gap attack"))
@@ -754,7 +788,12 @@ def test_attacks_command_lists_builtins_and_user_attacks(tmp_path: Path):
         sql_attack("SELECT model_key, example_id, -loss AS score FROM target", title="My loss"),
     )
     result = CliRunner().invoke(main, ["attacks", "--attacks", str(folder)])
-    assert result.exit_code == 0 and "note: a user attack replaces the built-in 'loss'" in result.stderr
+    assert result.exit_code == 1 and "is named 'loss' like the built-in attack" in result.stderr
+    result = CliRunner().invoke(main, ["attacks", "--attacks", str(folder), "--replace"])
+    assert (
+        result.exit_code == 0
+        and "note: a user attack replaces the built-in 'loss' (--replace)" in result.stderr
+    )
     assert len(result.stdout.splitlines()) == len(titles) + 1
 
 

@@ -79,8 +79,9 @@ def test_models_command_lists_accuracies(trained_store: TrainedStore, expected_r
         ("tiny/pgd_at-eps0.1-s0", "completed", 2),
     ]
     assert [r["test_acc"] for r in rows] == [round(r["test_acc"], 4) for r in expected_rows]
+    # an experiment the store does not hold is an error, not an empty list (issue 12 item 3)
     none = invoke("models", "--db", str(trained_store.db), "--experiment", "other", "--format", "json")
-    assert none.exit_code == 0 and json.loads(none.stdout) == []
+    assert none.exit_code == 1 and none.stderr.startswith("Error: --experiment other: no such experiment in ")
 
 
 @pytest.mark.parametrize(

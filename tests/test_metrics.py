@@ -16,6 +16,7 @@ from robmia_db.attacks.metrics import (
     calibrated_balanced_accuracy,
     compute_metrics,
     compute_metrics_arrays,
+    low_fpr_note,
     metrics_sql,
     paper_inference_accuracy,
     reference_metrics,
@@ -125,16 +126,44 @@ def test_auc_and_balanced_accuracy_match_sklearn(grouped, grouped_sql_rows):
 
 @pytest.mark.parametrize("drop_intermediate", [True, False])
 def test_tpr_at_fixed_fpr_matches_sklearn_roc_curve(grouped, grouped_sql_rows, drop_intermediate):
-    levels = {"tpr_at_fpr_0": 0.0, "tpr_at_fpr_1e3": 1e-3, "tpr_at_fpr_1e2": 1e-2}
-    checked_nonzero = 0
+    levels = {"tpr_at_fpr_0": 0.0, "tpr_at_fpr_1e4": 1e-4, "tpr_at_fpr_1e3": 1e-3, "tpr_at_fpr_1e2": 1e-2}
+    checked_nonzero = checked_null = 0
     for row in grouped_sql_rows:
         scores, is_member = _group_arrays(grouped, row["model"])
         fpr, tpr, _ = roc_curve(is_member, scores, drop_intermediate=drop_intermediate)
+        n_nonmembers = int((~is_member).sum())
         for column, level in levels.items():
+            if level and level * n_nonmembers < 1:
+                # not one false positive allowed: the level cannot be told apart from FPR 0
+                assert row[column] is None, (row["attack"], column)
+                checked_null += 1
+                continue
             expected = float(tpr[fpr <= level].max())
             assert row[column] == pytest.approx(expected, abs=1e-12, rel=0), (row["attack"], column)
             checked_nonzero += expected > 0
-    assert checked_nonzero >= 3
+    assert checked_nonzero >= 3 and checked_null >= 6
+
+
+def test_tpr_at_low_fpr_resolvable_with_many_nonmembers_matches_sklearn():
+    """20,000 non-members resolve 0.01% (two false positives allowed); 9,999 do not (NULL, with the reason)."""
+    rng = np.random.default_rng(11)
+    for n_nonmembers, resolvable in ((20_000, True), (9_999, False)):
+        is_member = np.r_[np.ones(3000, bool), np.zeros(n_nonmembers, bool)]
+        scores = rng.normal(size=is_member.size) + 1.2 * is_member
+        row = compute_metrics_arrays(scores, is_member).to_pylist()[0]
+        fpr, tpr, _ = roc_curve(is_member, scores)
+        for column, level in (("tpr_at_fpr_1e4", 1e-4), ("tpr_at_fpr_1e3", 1e-3)):
+            if column == "tpr_at_fpr_1e4" and not resolvable:
+                assert row[column] is None
+                assert reference_metrics(scores, is_member)[column] is None
+                assert (
+                    low_fpr_note(n_nonmembers) == "9,999 non-members cannot resolve FPR 0.01% (needs 10,000)"
+                )
+            else:
+                assert row[column] == pytest.approx(float(tpr[fpr <= level].max()), abs=1e-12, rel=0)
+                assert row[column] > 0
+        if resolvable:
+            assert low_fpr_note(n_nonmembers) is None
 
 
 def test_paper_accuracy_equals_sql_on_every_group(grouped, grouped_sql_rows):

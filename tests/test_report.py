@@ -530,7 +530,7 @@ def test_experiment_filter_default_output_and_cli(report_store, tmp_path, monkey
     result = runner.invoke(main, ["report", "--db", str(report_store), "--experiment", "nope"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: no experiment 'nope' in {report_store} (experiments: tiny, tiny-wide)"
+        f"Error: --experiment nope: no such experiment in {report_store} (experiments: tiny, tiny-wide)"
     ]
     result = runner.invoke(main, ["report", "--db", str(tmp_path / "missing.duckdb")])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1

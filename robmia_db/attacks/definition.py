@@ -8,6 +8,7 @@ A `.sql` attack's leading `-- ` comment block is TOML:
     -- params = { temperature = 1.0 }
     -- description = "..."
     -- decision_threshold = 0.0      (optional: the attack's own rule, member iff score >= it)
+    -- nonfinite = "error"           (optional: "error" refuses NULL/NaN/inf scores; "lowest" ranks them last)
     SELECT model_key, example_id, confidence / $temperature AS score FROM target
 
 `needs` says which relations the attack reads and how often it is scored:
@@ -20,8 +21,8 @@ The target relations never carry membership labels.
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib.util
 import json
 import re
 import tomllib
@@ -34,7 +35,11 @@ from robmia_db.errors import AttackDefinitionError
 
 KIND_NEEDS = ("benign", "adversarial", "verified")
 KNOWN_NEEDS = ("signal", *KIND_NEEDS, "reference_models")
-HEADER_KEYS = {"title", "paper", "needs", "params", "description", "decision_threshold"}
+HEADER_KEYS = {"title", "paper", "needs", "params", "description", "decision_threshold", "nonfinite"}
+# what an attack may declare about scores that are NULL, NaN or +-inf (default "error": refused, one line
+# naming the attack, the model and how many); "lowest": NULL and NaN become -inf, below every other score,
+# and +-inf keep their rank; metrics then count them (`n_nonfinite`)
+NONFINITE_POLICIES = ("error", "lowest")
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _STRINGS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
 _LINE_COMMENTS = re.compile(r"--[^\n]*")
@@ -61,6 +66,23 @@ class AttackDefinition:
     # the attack's own decision rule: member iff score >= decision_threshold (None: the attack has none,
     # only the threshold-free metrics and the oracle / calibrated thresholds apply)
     decision_threshold: float | None = None
+    nonfinite: str = "error"
+    # the attack's own name; `name` adds the parameters that differ from the header's defaults, so variants
+    # (`lira_offline[variance=per_example]`) are distinct attacks stored side by side
+    base_name: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.base_name:
+            self.base_name = self.name
+        if not self.defaults:
+            self.defaults = dict(self.params)
+
+    def load_function(self) -> Callable[..., Any]:
+        """Run a Python attack's module (trusted code: only when it is scored, never when listed)."""
+        if self.function is None:
+            self.function = _load_score_function(self.path, self.source)
+        return self.function
 
     @property
     def signal_kind(self) -> str | None:
@@ -78,8 +100,12 @@ class AttackDefinition:
             raise AttackDefinitionError(
                 self.path, f"unknown parameter {unknown[0]!r} (declared: {sorted(self.params)})"
             )
-        clone = AttackDefinition(**{**self.__dict__, "params": {**self.params, **overrides}})
-        return clone
+        params = {**self.params, **overrides}
+        changed = {k: v for k, v in sorted(params.items()) if v != self.defaults.get(k)}
+        name = self.base_name
+        if changed:
+            name += "[" + ",".join(f"{k}={_param_text(v)}" for k, v in changed.items()) + "]"
+        return AttackDefinition(**{**self.__dict__, "params": params, "name": name})
 
     @property
     def attack_key(self) -> str:
@@ -90,6 +116,10 @@ class AttackDefinition:
             default=str,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _param_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def normalise_source(source: str) -> str:
@@ -150,12 +180,28 @@ def _decision_threshold(path: str, header: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def parse_sql_attack(path: str | Path, origin: str = "user") -> AttackDefinition:
-    path = Path(path)
+def _nonfinite(path: str, header: dict[str, Any]) -> str:
+    value = header.get("nonfinite", "error")
+    if value not in NONFINITE_POLICIES:
+        raise AttackDefinitionError(
+            path, f"`nonfinite` must be one of {', '.join(map(repr, NONFINITE_POLICIES))} (got {value!r})"
+        )
+    return value
+
+
+def _read_source(path: Path, source: str | None) -> str:
+    if source is not None:
+        return source
     try:
-        source = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise AttackDefinitionError(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def parse_sql_attack(path: str | Path, origin: str = "user", source: str | None = None) -> AttackDefinition:
+    """Parse a `.sql` attack from its file, or from `source` (a stored attack's text) named by `path`."""
+    path = Path(path)
+    source = _read_source(path, source)
     header_lines: list[str] = []
     body_lines: list[str] = []
     in_header = True
@@ -187,48 +233,71 @@ def parse_sql_attack(path: str | Path, origin: str = "user") -> AttackDefinition
         name=path.stem, title=str(header["title"]), paper=str(header.get("paper", "")), needs=needs,
         params=params, description=str(header.get("description", "")).strip(), language="sql",
         source=source, path=str(path), sql=sql, origin=origin,
-        decision_threshold=_decision_threshold(str(path), header),
+        decision_threshold=_decision_threshold(str(path), header), nonfinite=_nonfinite(str(path), header),
     )  # fmt: skip
 
 
-def parse_python_attack(path: str | Path, origin: str = "user") -> AttackDefinition:
+def parse_python_attack(
+    path: str | Path, origin: str = "user", source: str | None = None
+) -> AttackDefinition:
     """A `.py` attack defines `ATTACK = {title, paper, needs, params, description}` and `score(ctx, params)`.
 
     `score` gets a read-only context (`ctx.sql(query)` over the same relations as SQL attacks) and returns
-    a table (Arrow, pandas or dict of arrays) of exactly (model_key, example_id, score).
+    a table (Arrow, pandas or dict of arrays) of exactly (model_key, example_id, score). The header is read
+    statically (`ast`): listing or planning never runs the file; it runs only when it is scored.
     """
     path = Path(path)
+    source = _read_source(path, source)
     try:
-        source = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AttackDefinitionError(path, f"cannot read: {exc.strerror or exc}") from None
-    spec = importlib.util.spec_from_file_location(f"robmia_attack_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise AttackDefinitionError(path, "cannot be imported")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # a user's file: report, don't crash the registry
-        raise AttackDefinitionError(path, f"fails to import: {type(exc).__name__}: {exc}") from None
-    header = getattr(module, "ATTACK", None)
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise AttackDefinitionError(path, f"is not valid Python (line {exc.lineno}): {exc.msg}") from None
+    header = None
+    has_score = False
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "ATTACK" for t in node.targets
+        ):
+            try:
+                header = ast.literal_eval(node.value)
+            except ValueError:
+                raise AttackDefinitionError(
+                    path, "ATTACK must be a literal dict (it is read without running the file)"
+                ) from None
+        elif isinstance(node, ast.FunctionDef) and node.name == "score":
+            has_score = True
     if not isinstance(header, dict):
         raise AttackDefinitionError(path, "defines no ATTACK = {...} header dict")
-    function = getattr(module, "score", None)
-    if not callable(function):
+    if not has_score:
         raise AttackDefinitionError(path, "defines no score(ctx, params) function")
     needs, params = _check_header(str(path), header, "python")
     return AttackDefinition(
         name=path.stem, title=str(header["title"]), paper=str(header.get("paper", "")), needs=needs,
         params=params, description=str(header.get("description", "")).strip(), language="python",
-        source=source, path=str(path), function=function, origin=origin,
-        decision_threshold=_decision_threshold(str(path), header),
+        source=source, path=str(path), function=None, origin=origin,
+        decision_threshold=_decision_threshold(str(path), header), nonfinite=_nonfinite(str(path), header),
     )  # fmt: skip
 
 
-def parse_attack(path: str | Path, origin: str = "user") -> AttackDefinition:
+def _load_score_function(path: str, source: str) -> Callable[..., Any]:
+    import types
+
+    module = types.ModuleType(f"robmia_attack_{Path(path).stem}")
+    module.__file__ = path
+    try:
+        exec(compile(source, path, "exec"), module.__dict__)  # trusted code, like a plugin (README)
+    except Exception as exc:  # a user's file: report, don't crash the run
+        raise AttackDefinitionError(path, f"fails to import: {type(exc).__name__}: {exc}") from None
+    function = module.__dict__.get("score")
+    if not callable(function):
+        raise AttackDefinitionError(path, "defines no score(ctx, params) function")
+    return function
+
+
+def parse_attack(path: str | Path, origin: str = "user", source: str | None = None) -> AttackDefinition:
     path = Path(path)
     if path.suffix == ".sql":
-        return parse_sql_attack(path, origin)
+        return parse_sql_attack(path, origin, source)
     if path.suffix == ".py":
-        return parse_python_attack(path, origin)
+        return parse_python_attack(path, origin, source)
     raise AttackDefinitionError(path, "is not an attack file (.sql or .py)")

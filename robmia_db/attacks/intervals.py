@@ -118,6 +118,9 @@ def metrics_from_ranks(
     ).astype(np.int64)
     out = {"balanced_accuracy": balanced, "auc": auc2 / (2.0 * P * N)}
     for name, num, den in _TPR_LEVELS:
+        if num and N * num < den:  # unresolvable with N non-members: NULL, as in metrics.reference_metrics
+            out[name] = np.full(rows, np.nan)
+            continue
         out[name] = _tpr_at_fpr(tp, fp, num * N // den) / P
     return out
 
@@ -209,6 +212,8 @@ def bootstrap_intervals(
     replicates = bootstrap_replicates(scores, is_member, n_resamples, seed)
     result: dict[str, float | None] = dict.fromkeys(INTERVAL_COLUMNS)
     for name, values in replicates.items():
+        if np.all(np.isnan(values)):  # a metric that is NULL itself (an unresolvable FPR level)
+            continue
         result[f"{name}_ci_low"], result[f"{name}_ci_high"] = percentile_interval(values, confidence)
     return result
 

@@ -19,8 +19,10 @@ Conventions shared by every function here:
 * Groups with ``P == 0`` or ``N == 0`` have NULL metrics; only ``n_members`` / ``n_nonmembers`` are set.
 * ``auc`` is the probability that a random member outscores a random non-member, ties counting 1/2
   (scikit-learn's ``roc_auc_score``); ``auc_numerator2 = 2 * wins + ties`` over member/non-member pairs.
-* ``tpr_at_fpr_0`` / ``_1e3`` / ``_1e2`` are the best TPR over thresholds with FPR <= 0, 0.1 %, 1 %
-  (``t = +inf`` gives TPR 0), the FPR bound compared in integers (``fp * 1000 <= N``).
+* ``tpr_at_fpr_0`` / ``_1e4`` / ``_1e3`` / ``_1e2`` are the best TPR over thresholds with FPR <= 0,
+  0.01 %, 0.1 %, 1 % (``t = +inf`` gives TPR 0), the FPR bound compared in integers (``fp * 1000 <= N``).
+  A level ``a`` that the non-members cannot resolve (``a * N < 1``: not one false positive allowed, so the
+  number would silently be ``tpr_at_fpr_0``) is NULL; `low_fpr_note` says why.
 
 Ties matter (float32 softmax saturates at exactly 1.0 for many samples), so the SQL first aggregates
 per distinct score and only then accumulates over the (now unique) scores, in integer arithmetic up to
@@ -43,6 +45,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "balanced_accuracy",
     "auc",
     "tpr_at_fpr_0",
+    "tpr_at_fpr_1e4",
     "tpr_at_fpr_1e3",
     "tpr_at_fpr_1e2",
     "advantage",
@@ -57,6 +60,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
 # (column name, FPR budget as numerator/denominator): FPR <= num/den  <=>  fp * den <= num * N.
 _TPR_AT_FPR_LEVELS: tuple[tuple[str, int, int], ...] = (
     ("tpr_at_fpr_0", 0, 1),
+    ("tpr_at_fpr_1e4", 1, 10000),
     ("tpr_at_fpr_1e3", 1, 1000),
     ("tpr_at_fpr_1e2", 1, 100),
 )
@@ -117,9 +121,11 @@ def metrics_sql(source: str, group_by: Sequence[str]) -> str:
         f"coalesce(max(__tp) FILTER (WHERE __fp * {den} <= {num} * __N), 0) AS __{name}"
         for name, num, den in _TPR_AT_FPR_LEVELS
     )
+    # num * N >= den: the level allows at least one false positive (level 0 is always resolvable)
     tpr_outputs = ",\n    ".join(
-        f"CASE WHEN __ok THEN CAST(__{name} AS DOUBLE) / __P END AS {name}"
-        for name, _, _ in _TPR_AT_FPR_LEVELS
+        f"CASE WHEN __ok AND ({num} = 0 OR CAST(__N AS HUGEINT) * {num} >= {den}) "
+        f"THEN CAST(__{name} AS DOUBLE) / __P END AS {name}"
+        for name, num, den in _TPR_AT_FPR_LEVELS
     )
     # Per-distinct-score counts first: the cumulative window then runs over unique scores, so its
     # frame can never split a block of tied scores (a ROWS frame over raw tied rows would).
@@ -264,7 +270,8 @@ def _descending_cumulative(scores: np.ndarray, members: np.ndarray) -> tuple[np.
     order = np.argsort(scores, kind="stable")[::-1]
     sorted_scores = scores[order]
     sorted_members = members[order]
-    last_of_block = np.flatnonzero(np.diff(sorted_scores) != 0)
+    # compare neighbours, not np.diff: -inf - -inf is NaN and would split a block of tied -inf scores
+    last_of_block = np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1])
     last_of_block = np.append(last_of_block, sorted_scores.size - 1)
     tp = np.cumsum(sorted_members, dtype=np.int64)[last_of_block]
     fp = np.cumsum(~sorted_members, dtype=np.int64)[last_of_block]
@@ -275,7 +282,7 @@ def _auc_numerator2_by_midranks(scores: np.ndarray, members: np.ndarray) -> int:
     """2*U of Mann-Whitney from doubled mid-ranks: independent of the cumulative-count method."""
     order = np.argsort(scores, kind="stable")
     sorted_scores = scores[order]
-    block_starts = np.flatnonzero(np.r_[True, np.diff(sorted_scores) != 0])
+    block_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
     block_ends = np.r_[block_starts[1:], sorted_scores.size]
     doubled_midrank_per_block = block_starts + 1 + block_ends  # 1-based ranks start+1 .. end
     block_sizes = block_ends - block_starts
@@ -323,9 +330,25 @@ def reference_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, fl
     result["auc_numerator2"] = auc2
     result["auc"] = auc2 / (2.0 * n_members * n_nonmembers)
     for name, num, den in _TPR_AT_FPR_LEVELS:
+        if num and n_nonmembers * num < den:
+            continue  # unresolvable: stays None
         allowed = fp * den <= num * n_nonmembers
         result[name] = int(tp[allowed].max(initial=0)) / n_members
     return result
+
+
+def low_fpr_note(n_nonmembers: int | None) -> str | None:
+    """Why a TPR-at-FPR level is NULL: too few non-members to allow one false positive at that FPR."""
+    if not n_nonmembers:
+        return None
+    missing = [
+        f"{100 * num / den:g}% (needs {den // num:,})"
+        for _, num, den in _TPR_AT_FPR_LEVELS
+        if num and n_nonmembers * num < den
+    ]
+    if not missing:
+        return None
+    return f"{n_nonmembers:,} non-members cannot resolve FPR " + ", ".join(missing)
 
 
 def paper_inference_accuracy(member_scores: Any, nonmember_scores: Any) -> float:

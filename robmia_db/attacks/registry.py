@@ -1,7 +1,9 @@
 """Attacks layer: one registry for built-in attacks, `--attacks DIR` / spec paths, and entry points.
 
-Load order: built-ins, then user folders and files, then the `robmia_db.attacks` entry-point group; a later
-attack of the same name replaces an earlier one (so a user can override a built-in), and says so.
+Load order: built-ins, then user folders and files, then the `robmia_db.attacks` entry-point group. An attack
+named like one already loaded from elsewhere (a user `confidence.sql`) is refused unless the caller asks to
+replace it (`--replace`): a silent override would store other numbers under the paper attack's name. Nothing
+is executed while loading: Python attacks' headers are read statically.
 """
 
 from __future__ import annotations
@@ -21,12 +23,25 @@ def _attack_files(folder: Path) -> list[Path]:
 
 
 class AttackRegistry:
-    def __init__(self) -> None:
+    def __init__(self, replace: bool = False) -> None:
         self.attacks: dict[str, AttackDefinition] = {}
         self.overridden: list[str] = []
+        self.replace = replace
 
     def add(self, attack: AttackDefinition) -> None:
-        if attack.name in self.attacks:
+        previous = self.attacks.get(attack.name)
+        if previous is not None and Path(previous.path).resolve() != Path(attack.path).resolve():
+            if not self.replace:
+                what = (
+                    "the built-in attack"
+                    if previous.origin == "builtin"
+                    else f"the attack in {previous.path}"
+                )
+                raise AttackDefinitionError(
+                    attack.path,
+                    f"is named {attack.name!r} like {what}; rename it, or pass --replace to score it under that "
+                    "name instead",
+                )
             self.overridden.append(attack.name)
         self.attacks[attack.name] = attack
 
@@ -53,8 +68,10 @@ class AttackRegistry:
         return iter(sorted(self.attacks.values(), key=lambda a: (a.origin != "builtin", a.name)))
 
 
-def load_registry(paths: list[str | Path] | None = None, entry_points: bool = True) -> AttackRegistry:
-    registry = AttackRegistry()
+def load_registry(
+    paths: list[str | Path] | None = None, entry_points: bool = True, replace: bool = False
+) -> AttackRegistry:
+    registry = AttackRegistry(replace)
     registry.add_path(BUILTIN_DIR, origin="builtin")
     for path in paths or []:
         registry.add_path(path, origin="user")

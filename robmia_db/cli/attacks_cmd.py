@@ -14,26 +14,38 @@ from robmia_db.cli.base import db_option, get_state, handle_errors, main
 @click.option(
     "--verbose", "-v", is_flag=True, help="Show each attack's needs, params, paper and description."
 )
+@click.option("--replace", is_flag=True, help="Let a user attack take the name of a built-in one.")
 @handle_errors
-def attacks_command(attack_paths: tuple[str, ...], verbose: bool) -> None:
-    """List built-in and user attacks with their titles.
+def attacks_command(attack_paths: tuple[str, ...], verbose: bool, replace: bool) -> None:
+    """List built-in and user attacks with their titles, without running any of them.
+
+    Trust boundary: SQL attacks run sandboxed (one read-only SELECT over the relations they need, no file
+    access). Python attacks are trusted code that runs with your rights, like a plugin: they are marked
+    [python: trusted code]; listing reads their ATTACK header statically and never executes the file, but
+    `score` does.
 
     Example: robmia-db attacks --attacks my_attacks/
     """
     from robmia_db.attacks.registry import load_registry
 
-    registry = load_registry(list(attack_paths))
+    registry = load_registry(list(attack_paths), replace=replace)
     width = max(len(a.name) for a in registry)
     for attack in registry:
-        origin = "" if attack.origin == "builtin" else f"  [{attack.origin}: {attack.path}]"
-        click.echo(f"{attack.name.ljust(width)}  {attack.title}{origin}")
+        marks = []
+        if attack.language == "python":
+            marks.append("[python: trusted code]")
+        if attack.origin != "builtin":
+            marks.append(f"[{attack.origin}: {attack.path}]")
+        click.echo(f"{attack.name.ljust(width)}  {attack.title}" + "".join(f"  {m}" for m in marks))
         if verbose:
             click.echo(f"{'':{width}}  needs: {', '.join(attack.needs)}; params: {attack.params or '-'}")
+            if attack.decision_threshold is not None:
+                click.echo(f"{'':{width}}  decision rule: member iff score >= {attack.decision_threshold:g}")
             click.echo(f"{'':{width}}  paper: {attack.paper}")
             if attack.description:
                 click.echo(f"{'':{width}}  {attack.description}")
     for name in registry.overridden:
-        click.echo(f"note: a user attack replaces the built-in {name!r}", err=True)
+        click.echo(f"note: a user attack replaces the built-in {name!r} (--replace)", err=True)
 
 
 @main.command("score")
@@ -54,6 +66,22 @@ def attacks_command(attack_paths: tuple[str, ...], verbose: bool) -> None:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Override an attack parameter.")
 @click.option("--force", is_flag=True, help="Recompute even where cached scores are current.")
 @click.option(
+    "--replace", is_flag=True, help="Let a user attack take the name of a built-in or of a stored attack."
+)
+@click.option(
+    "--time-limit",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds one attack run (one model, or one batch of models) may take before it is stopped "
+    "(--timeout is the store lock's wait).",
+)
+@click.option(
+    "--memory-limit", default="4GB", show_default=True, help="DuckDB memory limit of the attack sandbox."
+)
+@click.option(
     "--resamples",
     type=click.IntRange(min=0),
     default=1000,
@@ -62,8 +90,24 @@ def attacks_command(attack_paths: tuple[str, ...], verbose: bool) -> None:
 )
 @db_option
 @handle_errors
-def score_command(attack_names, attack_paths, spec_paths, model_names, params, force, resamples) -> None:
+def score_command(
+    attack_names,
+    attack_paths,
+    spec_paths,
+    model_names,
+    params,
+    force,
+    replace,
+    timeout_s,
+    memory_limit,
+    resamples,
+) -> None:
     """Score attacks on every stored model, once per perturbation; only missing or stale pairs run.
+
+    Without --attack: every built-in attack, every registered one, and every attack stored earlier (a file
+    once passed with --attack, a --param variant) on models that lack it. A --param value other than the
+    default makes a variant stored beside the default, named e.g. confidence[temperature=2].
+    Ctrl-C stops a running attack within about a second; nothing of that attack is stored.
 
     Example: robmia-db score --attack confidence --attack my_attacks/gap.sql
     """
@@ -104,7 +148,8 @@ def score_command(attack_names, attack_paths, spec_paths, model_names, params, f
                 attack_names += [n for n in item.spec.attacks.names if n not in attack_names]
     outcomes = score_attacks(
         get_state().db_path, attack_names or None, attack_paths, overrides, force,
-        list(model_names) or None, Echo(), resamples=resamples,
+        list(model_names) or None, Echo(), replace=replace, timeout_s=timeout_s, memory_limit=memory_limit,
+        resamples=resamples,
     )  # fmt: skip
     click.echo(
         f"{sum(o.scored for o in outcomes)} (attack, model, perturbation) scored; "

@@ -213,8 +213,10 @@ def models_command(experiment: str | None, fmt: str) -> None:
 
     Example: robmia-db models --experiment quickstart
     """
-    from robmia_db.store.query import format_result, run_query
+    from robmia_db.store.query import check_experiment, format_result, run_query
 
+    if experiment is not None:
+        check_experiment(get_state().db_path, experiment)
     where = "WHERE experiment = $experiment" if experiment else ""
     table = run_query(
         get_state().db_path,

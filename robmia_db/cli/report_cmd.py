@@ -65,7 +65,10 @@ def report_command(
         return
     from robmia_db.errors import RobmiaError
     from robmia_db.report import build_report
+    from robmia_db.store.query import check_experiment
 
+    if experiment is not None:
+        check_experiment(get_state().db_path, experiment)
     if output and Path(output).is_dir():
         raise RobmiaError(f"-o {output} is a folder; the page needs a file name (or use --tables)")
 

@@ -443,7 +443,9 @@ def _attack_overview(con: duckdb.DuckDBPyConnection, metrics: list[dict[str, Any
     if name_column and "description" in columns:
         paper = ", paper" if "paper" in columns else ", NULL AS paper"
         title = ", title" if "title" in columns else ", NULL AS title"
-        for row in _rows(con, f"SELECT {name_column} AS attack, description{paper}{title} FROM v_attacks"):
+        language = ", language" if "language" in columns else ", NULL AS language"
+        query = f"SELECT {name_column} AS attack, description{paper}{title}{language} FROM v_attacks"
+        for row in _rows(con, query):
             described[row["attack"]] = row
     result = []
     for name in sorted(counts):
@@ -455,6 +457,8 @@ def _attack_overview(con: duckdb.DuckDBPyConnection, metrics: list[dict[str, Any
                 "title": entry["title"] or info.get("title"),
                 "description": (info.get("description") or "").strip() or None,
                 "paper": info.get("paper"),
+                # Python attacks run with the user's rights (README: trust boundary); the page says so
+                "trusted_code": info.get("language") == "python",
                 "n_models": len(entry["models"]),
                 "perturbations": sorted(entry["perturbations"]),
             }

@@ -53,6 +53,19 @@ def one_line_error(exc: BaseException) -> str:
     return " ".join(parts) if parts else type(exc).__name__
 
 
+def check_experiment(db_path: str | Path, experiment: str) -> None:
+    """`--experiment NAME` that matches nothing is an error (a silent empty result reads as "no models")."""
+    table = run_query(
+        db_path,
+        "SELECT experiment FROM v_experiments UNION SELECT experiment FROM v_models WHERE experiment IS NOT NULL",
+    )
+    known = sorted(str(v) for v in table.column("experiment").to_pylist() if v is not None)
+    if experiment not in known:
+        raise StoreError(
+            f"--experiment {experiment}: no such experiment in {db_path} (experiments: {', '.join(known) or 'none'})"
+        )
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "NULL"

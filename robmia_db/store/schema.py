@@ -14,6 +14,24 @@ import duckdb
 
 from robmia_db.errors import StoreError
 
+# FPR levels (numerator, denominator) of the TPR-at-FPR metrics that need non-members to resolve; they
+# mirror robmia_db.attacks.metrics (a test checks the view's note against metrics.low_fpr_note).
+LOW_FPR_LEVELS: tuple[tuple[int, int], ...] = ((1, 10000), (1, 1000), (1, 100))
+
+
+def low_fpr_note_sql(n_column: str) -> str:
+    """Why a TPR-at-FPR level is NULL, as SQL over a non-member count: a * N < 1 allows no false positive."""
+    parts = [
+        f"CASE WHEN {n_column} * {num} < {den} THEN '{100 * num / den:g}% (needs {den // num:,})' END"
+        for num, den in LOW_FPR_LEVELS
+    ]
+    joined = f"concat_ws(', ', {', '.join(parts)})"
+    return (
+        f"CASE WHEN {n_column} > 0 AND {joined} <> '' THEN "
+        f"format('{{:,}} non-members cannot resolve FPR ', {n_column}) || {joined} END"
+    )
+
+
 # Each entry upgrades the schema from version i to i + 1. The metadata tables (experiments, models,
 # perturbations, attacks, metrics, attack_skips, metric_intervals) are not created or altered here: they are
 # declared in `tables.py` and brought to their declaration by `tables.sync_declared` before these steps run,
@@ -80,6 +98,45 @@ MIGRATIONS: list[str] = [
     # rather than guess which version of the experiment's text trained them; declared: Model.spec_path,
     # Model.spec_text
     "SELECT 1;",
+    # 8: scoring integrity (issues 9, 12, 14; owner: the scoring core). Attack headers' decision rule and
+    # non-finite policy (columns added here, not declared in tables.py: storemgmt may fold them in), parameter variants (`base_name`), where an attack came from; per-metric decision
+    # accuracy/TPR/FPR, TPR at 0.01% FPR, how many non-finite scores a declared policy mapped, why a
+    # calibrated number is NULL; metrics pooled over the targets of a fleet. Stored metrics predate the
+    # invariance contract and the new checks, so their cache key is invalidated: the next `score` redoes them.
+    """
+    ALTER TABLE attacks ADD COLUMN base_name VARCHAR;
+    ALTER TABLE attacks ADD COLUMN origin VARCHAR;
+    ALTER TABLE attacks ADD COLUMN decision_threshold DOUBLE;
+    ALTER TABLE attacks ADD COLUMN nonfinite VARCHAR;
+    ALTER TABLE metrics ADD COLUMN tpr_at_fpr_1e4 DOUBLE;
+    ALTER TABLE metrics ADD COLUMN decision_accuracy DOUBLE;
+    ALTER TABLE metrics ADD COLUMN decision_tpr DOUBLE;
+    ALTER TABLE metrics ADD COLUMN decision_fpr DOUBLE;
+    ALTER TABLE metrics ADD COLUMN n_nonfinite INTEGER;
+    ALTER TABLE metrics ADD COLUMN calibration_note VARCHAR;
+    UPDATE metrics SET inputs_key = 'pre-v8:' || inputs_key;
+    CREATE TABLE fleet_metrics (
+        attack_key VARCHAR NOT NULL,
+        perturbation VARCHAR NOT NULL,
+        recipe_key VARCHAR NOT NULL,        -- hash of the training recipe the pooled targets share
+        first_model_key VARCHAR NOT NULL,   -- one of them, for the recipe's dataset / defense / eps
+        n_targets INTEGER NOT NULL,
+        balanced_accuracy DOUBLE,
+        auc DOUBLE,
+        tpr_at_fpr_0 DOUBLE,
+        tpr_at_fpr_1e4 DOUBLE,
+        tpr_at_fpr_1e3 DOUBLE,
+        tpr_at_fpr_1e2 DOUBLE,
+        advantage DOUBLE,
+        threshold DOUBLE,
+        n_members BIGINT,
+        n_nonmembers BIGINT,
+        decision_accuracy DOUBLE,
+        decision_tpr DOUBLE,
+        decision_fpr DOUBLE,
+        created_at TIMESTAMPTZ
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -137,9 +194,11 @@ JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id;
 
 CREATE OR REPLACE VIEW v_metrics AS
 SELECT x.model_key, m.model_name, m.experiment, m.dataset, m.defense, m.eps, m.seed, a.name AS attack,
-       a.title AS attack_title, x.perturbation, p.kind, p.eps AS perturbation_eps,
-       x.balanced_accuracy, x.auc, x.tpr_at_fpr_0, x.tpr_at_fpr_1e3, x.tpr_at_fpr_1e2, x.advantage,
-       x.threshold, x.n_members, x.n_nonmembers, x.calibrated_accuracy, x.calibrated_threshold,
+       a.title AS attack_title, a.language AS attack_language, x.perturbation, p.kind, p.eps AS perturbation_eps,
+       x.balanced_accuracy, x.auc, x.tpr_at_fpr_0, x.tpr_at_fpr_1e4, x.tpr_at_fpr_1e3, x.tpr_at_fpr_1e2,
+       LOW_FPR_NOTE(x.n_nonmembers) AS low_fpr_note, x.advantage,
+       x.threshold, x.n_members, x.n_nonmembers, x.n_nonfinite, a.decision_threshold, x.decision_accuracy,
+       x.decision_tpr, x.decision_fpr, x.calibrated_accuracy, x.calibrated_threshold, x.calibration_note,
        x.n_reference_models, x.tp_at_best, x.fp_at_best, x.auc_numerator2, x.attack_key, x.inputs_key,
        x.seconds, x.created_at,
        -- issue 10: bootstrap intervals (robmia_db/attacks/intervals.py)
@@ -153,8 +212,23 @@ LEFT JOIN perturbations p ON p.model_key = x.model_key AND p.name = x.perturbati
 LEFT JOIN metric_intervals ci ON ci.attack_key = x.attack_key AND ci.model_key = x.model_key
     AND ci.perturbation = x.perturbation AND ci.inputs_key = x.inputs_key;
 
+CREATE OR REPLACE VIEW v_fleet_metrics AS
+SELECT a.name AS attack, a.title AS attack_title, f.perturbation, p.kind, m.dataset, m.arch, m.defense, m.eps,
+       m.membership_scheme, f.n_targets, f.balanced_accuracy, f.auc, f.tpr_at_fpr_0, f.tpr_at_fpr_1e4,
+       f.tpr_at_fpr_1e3, f.tpr_at_fpr_1e2, LOW_FPR_NOTE(f.n_nonmembers) AS low_fpr_note, f.advantage,
+       f.threshold, f.n_members, f.n_nonmembers, a.decision_threshold, f.decision_accuracy, f.decision_tpr,
+       f.decision_fpr, f.recipe_key, f.attack_key, f.created_at
+FROM fleet_metrics f
+JOIN attacks a USING (attack_key)
+JOIN models m ON m.model_key = f.first_model_key
+LEFT JOIN perturbations p ON p.model_key = f.first_model_key AND p.name = f.perturbation;
+
 CREATE OR REPLACE VIEW v_attacks AS
-SELECT attack_key, name AS attack, title, paper, description, language, source_path, params, needs, created_at
+SELECT attack_key, name AS attack, coalesce(base_name, name) AS base_attack, title, paper, description,
+       language, CASE WHEN language = 'python' THEN 'trusted code (Python, runs with your rights)'
+                      ELSE 'sandboxed SQL' END AS trust,
+       origin, source_path, params, needs, decision_threshold, coalesce(nonfinite, 'error') AS nonfinite,
+       created_at
 FROM attacks;
 
 CREATE OR REPLACE VIEW v_attack_skips AS
@@ -229,8 +303,18 @@ PUBLIC_VIEWS = (
     "v_metrics",
     "v_attack_skips",
     "v_attacks",
+    "v_fleet_metrics",
     "v_configurations",
 )
+
+
+def _views_sql() -> str:
+    views = VIEWS_SQL
+    for alias in ("x", "f"):
+        views = views.replace(
+            f"LOW_FPR_NOTE({alias}.n_nonmembers)", low_fpr_note_sql(f"{alias}.n_nonmembers")
+        )
+    return views
 
 
 def current_version(con: duckdb.DuckDBPyConnection) -> int:
@@ -274,7 +358,7 @@ def migrate(con: duckdb.DuckDBPyConnection, extra_views: list[str] | None = None
             con.execute("INSERT INTO schema_version VALUES (?, ?)", [version + 1, datetime.now(timezone.utc)])
         if start < SCHEMA_VERSION:
             kill_point("store-migrating")
-        con.execute(VIEWS_SQL)
+        con.execute(_views_sql())
         for sql in extra_views or []:
             con.execute(sql)
         con.execute("COMMIT")

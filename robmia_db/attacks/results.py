@@ -1,0 +1,285 @@
+"""Attacks layer: storing one attack run. Scores, metrics, the attack's own decision rule, the reference-
+calibrated threshold and the metrics pooled over each fleet are written in ONE transaction, so a crash
+leaves either everything or nothing (a rerun then finds nothing cached and redoes it).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from robmia_db.attacks.definition import AttackDefinition
+from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
+from robmia_db.attacks.metrics import calibrated_balanced_accuracy, compute_metrics, reference_metrics
+from robmia_db.attacks.planning import ScoreUnit
+from robmia_db.store.connection import transaction, writing
+from robmia_db.testhooks import fail_point, kill_point
+
+# crash point between the metrics and the calibration, inside the transaction (robmia_db.testhooks)
+BEFORE_CALIBRATION = "score-before-calibration"
+REFERENCE_ATTACK_NOTE = (
+    "not computed for an attack that reads reference models: the references' own scores were computed "
+    "with this model among their references (nested leave-one-out is not run); see decision_accuracy"
+)
+NO_REFERENCE_NOTE = "no reference models with this attack's scores on this perturbation"
+
+_DECISION_SQL = """
+SELECT {groups},
+       count(*) FILTER (WHERE is_member) AS d_p,
+       count(*) FILTER (WHERE NOT is_member) AS d_n,
+       count(*) FILTER (WHERE is_member AND score >= $threshold) AS d_tp,
+       count(*) FILTER (WHERE NOT is_member AND score >= $threshold) AS d_fp
+FROM {source} GROUP BY ALL
+"""
+
+
+def _decision_columns(prefix: str = "d.") -> str:
+    """Balanced accuracy, TPR and FPR of `member iff score >= decision_threshold` (NULL without P or N)."""
+    tpr = f"CAST({prefix}d_tp AS DOUBLE) / nullif({prefix}d_p, 0)"
+    fpr = f"CAST({prefix}d_fp AS DOUBLE) / nullif({prefix}d_n, 0)"
+    return f"0.5 * ({tpr} + 1 - {fpr}) AS decision_accuracy, {tpr} AS decision_tpr, {fpr} AS decision_fpr"
+
+
+def _empty_decision(con: duckdb.DuckDBPyConnection, groups: list[str]) -> None:
+    cols = ", ".join(f"CAST(NULL AS VARCHAR) AS {g}" for g in groups)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _decision AS SELECT {cols}, 0 AS d_p, 0 AS d_n, 0 AS d_tp, 0 AS d_fp LIMIT 0"
+    )
+
+
+def _decision_table(
+    con: duckdb.DuckDBPyConnection, attack: AttackDefinition, source: str, groups: list[str]
+) -> None:
+    if attack.decision_threshold is None:
+        _empty_decision(con, groups)
+        return
+    sql = _DECISION_SQL.format(groups=", ".join(groups), source=source)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _decision AS {sql}", {"threshold": attack.decision_threshold})
+
+
+def write_results(
+    db_path: Path,
+    attack: AttackDefinition,
+    units: list[ScoreUnit],
+    inputs_keys: dict[tuple[str, str], str],
+    scores: list[pa.Table],
+    nonfinite: dict[tuple[str, str], int],
+    skipped: list[tuple[str, str | None, str]],
+    model_keys_by_name: dict[str, str],
+    seconds: float,
+    considered: set[str],
+    references: dict[str, list[str]],
+    recipes: dict[str, str],
+    resamples: int = DEFAULT_RESAMPLES,
+) -> None:
+    attack_key = attack.attack_key
+    now = datetime.now(timezone.utc)
+    units_table = pa.table(
+        {
+            "model_key": pa.array([u.model_key for u in units], pa.string()),
+            "perturbation": pa.array([u.perturbation for u in units], pa.string()),
+            "inputs_key": pa.array([inputs_keys[(u.model_key, u.perturbation)] for u in units], pa.string()),
+            "n_nonfinite": pa.array(
+                [nonfinite.get((u.model_key, u.perturbation), 0) for u in units], pa.int32()
+            ),
+        }
+    )
+    all_scores = pa.concat_tables(scores) if scores else None
+    with writing(db_path) as con, transaction(con):
+        con.execute(
+            """INSERT INTO attacks (attack_key, name, title, paper, description, language, source_path, source,
+                                    params, needs, created_at, base_name, origin, decision_threshold, nonfinite)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (attack_key) DO UPDATE SET title = excluded.title, source_path = excluded.source_path""",
+            [
+                attack_key, attack.name, attack.title, attack.paper, attack.description, attack.language,
+                attack.path, attack.source, json.dumps(attack.params), json.dumps(attack.needs), now,
+                attack.base_name, attack.origin, attack.decision_threshold, attack.nonfinite,
+            ],
+        )  # fmt: skip
+        con.register("_done", units_table)
+        # one version of an attack per (model, perturbation): a re-scored or edited attack replaces the old rows
+        same_name = "SELECT attack_key FROM attacks WHERE name = ?"
+        for table in ("scores", "metrics"):
+            con.execute(
+                f"""DELETE FROM {table} WHERE attack_key IN ({same_name})
+                    AND (model_key, perturbation) IN (SELECT model_key, perturbation FROM _done)""",
+                [attack.name],
+            )
+        con.register("_considered", pa.table({"model_key": pa.array(sorted(considered), pa.string())}))
+        con.execute(
+            f"""DELETE FROM attack_skips WHERE attack_key IN ({same_name})
+                AND model_key IN (SELECT model_key FROM _considered)""",
+            [attack.name],
+        )
+        if all_scores is not None and all_scores.num_rows:
+            _insert_scores_and_metrics(con, attack, all_scores, len(units), seconds, now)
+            # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
+            write_intervals(con, attack.name, attack_key, resamples)
+            fail_point(BEFORE_CALIBRATION)
+            kill_point(BEFORE_CALIBRATION)
+            _calibrate(con, attack, references)
+            _fleet_metrics(con, attack, {u.model_key for u in units}, recipes, now)
+        for model_name, perturbation, reason in skipped:
+            con.execute(
+                "INSERT INTO attack_skips VALUES (?, ?, ?, ?, ?)",
+                [attack_key, model_keys_by_name[model_name], perturbation, reason, now],
+            )
+
+
+def _insert_scores_and_metrics(
+    con: duckdb.DuckDBPyConnection,
+    attack: AttackDefinition,
+    scores: pa.Table,
+    n_units: int,
+    seconds: float,
+    now,
+) -> None:
+    con.register("_new_scores", scores)
+    con.execute(
+        "INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM _new_scores",
+        [attack.attack_key],
+    )
+    labelled = """(SELECT s.model_key, s.perturbation, s.score, b.is_member FROM _new_scores s
+                   JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id)"""
+    con.register("_new_metrics", compute_metrics(con, labelled, ["model_key", "perturbation"]))
+    _decision_table(con, attack, labelled, ["model_key", "perturbation"])
+    con.execute(
+        f"""INSERT INTO metrics (attack_key, model_key, perturbation, inputs_key, balanced_accuracy, auc,
+                                 tpr_at_fpr_0, tpr_at_fpr_1e4, tpr_at_fpr_1e3, tpr_at_fpr_1e2, advantage, threshold,
+                                 n_members, n_nonmembers, tp_at_best, fp_at_best, auc_numerator2, n_nonfinite,
+                                 decision_accuracy, decision_tpr, decision_fpr, seconds, created_at)
+           SELECT ?, m.model_key, m.perturbation, u.inputs_key, m.balanced_accuracy, m.auc, m.tpr_at_fpr_0,
+                  m.tpr_at_fpr_1e4, m.tpr_at_fpr_1e3, m.tpr_at_fpr_1e2, m.advantage, m.threshold, m.n_members,
+                  m.n_nonmembers, m.tp_at_best, m.fp_at_best, m.auc_numerator2, u.n_nonfinite,
+                  {_decision_columns()}, ?, ?
+           FROM _new_metrics m JOIN _done u USING (model_key, perturbation)
+           LEFT JOIN _decision d USING (model_key, perturbation)""",
+        [attack.attack_key, seconds / max(1, n_units), now],
+    )
+
+
+def _calibrate(
+    con: duckdb.DuckDBPyConnection, attack: AttackDefinition, references: dict[str, list[str]]
+) -> None:
+    """calibrated_accuracy: the threshold best on the pooled reference models' scores, applied to the target.
+
+    For an attack that itself reads reference models this would leak: a reference's scores were computed
+    with the target among its references. Those rows get NULL and the reason instead.
+    """
+    attack_key = attack.attack_key
+    if attack.needs_reference:
+        con.execute(
+            """UPDATE metrics SET calibrated_accuracy = NULL, calibrated_threshold = NULL,
+                   n_reference_models = NULL, calibration_note = ? WHERE attack_key = ?""",
+            [REFERENCE_ATTACK_NOTE, attack_key],
+        )
+        return
+    frame = con.sql(
+        """SELECT s.model_key, s.perturbation, s.score, b.is_member FROM scores s
+           JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
+           WHERE s.attack_key = $key""",
+        params={"key": attack_key},
+    ).to_df()
+    groups = {key: group for key, group in frame.groupby(["model_key", "perturbation"], sort=False)}
+    updates: dict[str, list[Any]] = {
+        k: [] for k in ("model_key", "perturbation", "accuracy", "threshold", "n", "note")
+    }
+    for (model_key, perturbation), group in groups.items():
+        refs = [
+            groups[(r, perturbation)] for r in references.get(model_key, []) if (r, perturbation) in groups
+        ]
+        accuracy = threshold = None
+        note = NO_REFERENCE_NOTE
+        if refs:
+            pooled_scores = np.concatenate([r["score"].to_numpy(dtype=float) for r in refs])
+            pooled_members = np.concatenate([r["is_member"].to_numpy(dtype=bool) for r in refs])
+            found = reference_metrics(pooled_scores, pooled_members)["threshold"]
+            if found is None:
+                note = "no threshold beats chance on the reference models"
+            else:
+                threshold = float(found)
+                accuracy = calibrated_balanced_accuracy(
+                    threshold, group["score"].to_numpy(dtype=float), group["is_member"].to_numpy(dtype=bool)
+                )
+                note = None
+        for column, value in zip(
+            updates, (model_key, perturbation, accuracy, threshold, len(refs) if refs else None, note)
+        ):
+            updates[column].append(value)
+    if not updates["model_key"]:
+        return
+    table = pa.table(
+        {
+            "model_key": pa.array(updates["model_key"], pa.string()),
+            "perturbation": pa.array(updates["perturbation"], pa.string()),
+            "accuracy": pa.array(updates["accuracy"], pa.float64()),
+            "threshold": pa.array(updates["threshold"], pa.float64()),
+            "n": pa.array(updates["n"], pa.int32()),
+            "note": pa.array(updates["note"], pa.string()),
+        }
+    )
+    con.register("_calibrated", table)
+    con.execute(
+        """UPDATE metrics SET calibrated_accuracy = c.accuracy, calibrated_threshold = c.threshold,
+               n_reference_models = c.n, calibration_note = c.note
+           FROM _calibrated c
+           WHERE metrics.attack_key = ? AND metrics.model_key = c.model_key AND metrics.perturbation = c.perturbation""",
+        [attack_key],
+    )
+
+
+def _fleet_metrics(
+    con: duckdb.DuckDBPyConnection, attack: AttackDefinition, touched: set[str], recipes: dict[str, str], now
+) -> None:
+    """Metrics over the concatenated scores of the targets that share a training recipe (one ROC per fleet,
+    as LiRA reports), for the fleets whose targets were just scored."""
+    fleets = sorted({recipes[k] for k in touched if k in recipes})
+    if not fleets:
+        return
+    attack_key = attack.attack_key
+    con.register(
+        "_recipes",
+        pa.table(
+            {
+                "model_key": pa.array(list(recipes), pa.string()),
+                "recipe_key": pa.array(list(recipes.values()), pa.string()),
+            }
+        ),
+    )
+    con.register("_fleets", pa.table({"recipe_key": pa.array(fleets, pa.string())}))
+    con.execute(
+        """CREATE OR REPLACE TEMP VIEW _fleet_scores AS
+           SELECT r.recipe_key, s.perturbation, s.model_key, s.score, b.is_member FROM scores s
+           JOIN _recipes r ON r.model_key = s.model_key
+           JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
+           WHERE s.attack_key = '{key}' AND r.recipe_key IN (SELECT recipe_key FROM _fleets)""".format(
+            key=attack_key.replace("'", "''")
+        )
+    )
+    con.register("_fleet_metrics", compute_metrics(con, "_fleet_scores", ["recipe_key", "perturbation"]))
+    _decision_table(con, attack, "_fleet_scores", ["recipe_key", "perturbation"])
+    con.execute(
+        "DELETE FROM fleet_metrics WHERE attack_key IN (SELECT attack_key FROM attacks WHERE name = ?) "
+        "AND recipe_key IN (SELECT recipe_key FROM _fleets)",
+        [attack.name],
+    )
+    con.execute(
+        f"""INSERT INTO fleet_metrics
+            SELECT ?, m.perturbation, m.recipe_key, t.first_model_key, t.n_targets, m.balanced_accuracy, m.auc,
+                   m.tpr_at_fpr_0, m.tpr_at_fpr_1e4, m.tpr_at_fpr_1e3, m.tpr_at_fpr_1e2, m.advantage, m.threshold,
+                   m.n_members, m.n_nonmembers, {_decision_columns()}, ?
+            FROM _fleet_metrics m
+            JOIN (SELECT recipe_key, perturbation, min(model_key) AS first_model_key,
+                         count(DISTINCT model_key) AS n_targets
+                  FROM _fleet_scores GROUP BY ALL) t USING (recipe_key, perturbation)
+            LEFT JOIN _decision d USING (recipe_key, perturbation)""",
+        [attack_key, now],
+    )
+    con.execute("DROP VIEW _fleet_scores")
