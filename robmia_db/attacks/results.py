@@ -272,11 +272,11 @@ def _fleet_metrics(
     )
     con.execute(
         f"""INSERT INTO fleet_metrics
-            SELECT ?, m.perturbation, m.recipe_key, t.first_model_key, t.n_targets, m.balanced_accuracy, m.auc,
+            SELECT ?, m.perturbation, m.recipe_key, t.model_key, t.n_targets, m.balanced_accuracy, m.auc,
                    m.tpr_at_fpr_0, m.tpr_at_fpr_1e4, m.tpr_at_fpr_1e3, m.tpr_at_fpr_1e2, m.advantage, m.threshold,
                    m.n_members, m.n_nonmembers, {_decision_columns()}, ?
             FROM _fleet_metrics m
-            JOIN (SELECT recipe_key, perturbation, min(model_key) AS first_model_key,
+            JOIN (SELECT recipe_key, perturbation, min(model_key) AS model_key,
                          count(DISTINCT model_key) AS n_targets
                   FROM _fleet_scores GROUP BY ALL) t USING (recipe_key, perturbation)
             LEFT JOIN _decision d USING (recipe_key, perturbation)""",

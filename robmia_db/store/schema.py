@@ -119,7 +119,7 @@ MIGRATIONS: list[str] = [
         attack_key VARCHAR NOT NULL,
         perturbation VARCHAR NOT NULL,
         recipe_key VARCHAR NOT NULL,        -- hash of the training recipe the pooled targets share
-        first_model_key VARCHAR NOT NULL,   -- one of them, for the recipe's dataset / defense / eps
+        model_key VARCHAR NOT NULL,         -- one pooled target (dataset / defense / eps); rm of it drops the row
         n_targets INTEGER NOT NULL,
         balanced_accuracy DOUBLE,
         auc DOUBLE,
@@ -220,8 +220,8 @@ SELECT a.name AS attack, a.title AS attack_title, f.perturbation, p.kind, m.data
        f.decision_fpr, f.recipe_key, f.attack_key, f.created_at
 FROM fleet_metrics f
 JOIN attacks a USING (attack_key)
-JOIN models m ON m.model_key = f.first_model_key
-LEFT JOIN perturbations p ON p.model_key = f.first_model_key AND p.name = f.perturbation;
+JOIN models m ON m.model_key = f.model_key
+LEFT JOIN perturbations p ON p.model_key = f.model_key AND p.name = f.perturbation;
 
 CREATE OR REPLACE VIEW v_attacks AS
 SELECT attack_key, name AS attack, coalesce(base_name, name) AS base_attack, title, paper, description,
