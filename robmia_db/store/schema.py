@@ -98,45 +98,13 @@ MIGRATIONS: list[str] = [
     # rather than guess which version of the experiment's text trained them; declared: Model.spec_path,
     # Model.spec_text
     "SELECT 1;",
-    # 8: scoring integrity (issues 9, 12, 14; owner: the scoring core). Attack headers' decision rule and
-    # non-finite policy (columns added here, not declared in tables.py: storemgmt may fold them in), parameter variants (`base_name`), where an attack came from; per-metric decision
-    # accuracy/TPR/FPR, TPR at 0.01% FPR, how many non-finite scores a declared policy mapped, why a
-    # calibrated number is NULL; metrics pooled over the targets of a fleet. Stored metrics predate the
-    # invariance contract and the new checks, so their cache key is invalidated: the next `score` redoes them.
-    """
-    ALTER TABLE attacks ADD COLUMN base_name VARCHAR;
-    ALTER TABLE attacks ADD COLUMN origin VARCHAR;
-    ALTER TABLE attacks ADD COLUMN decision_threshold DOUBLE;
-    ALTER TABLE attacks ADD COLUMN nonfinite VARCHAR;
-    ALTER TABLE metrics ADD COLUMN tpr_at_fpr_1e4 DOUBLE;
-    ALTER TABLE metrics ADD COLUMN decision_accuracy DOUBLE;
-    ALTER TABLE metrics ADD COLUMN decision_tpr DOUBLE;
-    ALTER TABLE metrics ADD COLUMN decision_fpr DOUBLE;
-    ALTER TABLE metrics ADD COLUMN n_nonfinite INTEGER;
-    ALTER TABLE metrics ADD COLUMN calibration_note VARCHAR;
-    UPDATE metrics SET inputs_key = 'pre-v8:' || inputs_key;
-    CREATE TABLE fleet_metrics (
-        attack_key VARCHAR NOT NULL,
-        perturbation VARCHAR NOT NULL,
-        recipe_key VARCHAR NOT NULL,        -- hash of the training recipe the pooled targets share
-        model_key VARCHAR NOT NULL,         -- one pooled target (dataset / defense / eps); rm of it drops the row
-        n_targets INTEGER NOT NULL,
-        balanced_accuracy DOUBLE,
-        auc DOUBLE,
-        tpr_at_fpr_0 DOUBLE,
-        tpr_at_fpr_1e4 DOUBLE,
-        tpr_at_fpr_1e3 DOUBLE,
-        tpr_at_fpr_1e2 DOUBLE,
-        advantage DOUBLE,
-        threshold DOUBLE,
-        n_members BIGINT,
-        n_nonmembers BIGINT,
-        decision_accuracy DOUBLE,
-        decision_tpr DOUBLE,
-        decision_fpr DOUBLE,
-        created_at TIMESTAMPTZ
-    );
-    """,
+    # 8: scoring integrity (issues 9, 12, 14). Declared: Attack.base_name / origin / decision_threshold /
+    # nonfinite (parameter variants, where an attack came from, its own decision rule and non-finite
+    # policy), Metric.tpr_at_fpr_1e4 / decision_accuracy / decision_tpr / decision_fpr / n_nonfinite /
+    # calibration_note, and the FleetMetric table (metrics pooled over the targets of a fleet). Stored metrics
+    # predate the invariance contract and the new checks, so their cache key is invalidated: the next `score`
+    # redoes them.
+    "UPDATE metrics SET inputs_key = 'pre-v8:' || inputs_key;",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -138,6 +138,11 @@ class Attack(SQLModel, table=True):
     params: dict[str, Any] | None = _json()
     needs: list[str] | None = _json()
     created_at: datetime | None = Field(default=None, sa_type=TSTZ)
+    # schema 8 (scoring integrity): after created_at, where step 8's ALTERs put them in older stores
+    base_name: str | None = None  # the attack a parameter variant (`name[param=value]`) was made from
+    origin: str | None = None  # builtin / user / stored
+    decision_threshold: float | None = _double()  # the attack's own rule: member iff score >= it
+    nonfinite: str | None = None  # the declared policy for NULL / NaN / inf scores ('error' or 'lowest')
 
 
 class Metric(SQLModel, table=True):
@@ -167,6 +172,13 @@ class Metric(SQLModel, table=True):
     n_reference_models: int | None = None
     seconds: float | None = _double()
     created_at: datetime | None = Field(default=None, sa_type=TSTZ)
+    # schema 8 (scoring integrity): after created_at, where step 8's ALTERs put them in older stores
+    tpr_at_fpr_1e4: float | None = _double()
+    decision_accuracy: float | None = _double()  # 0.5 (TPR + 1 - FPR) at the attack's decision_threshold
+    decision_tpr: float | None = _double()
+    decision_fpr: float | None = _double()
+    n_nonfinite: int | None = None  # scores mapped by a declared `nonfinite = "lowest"` policy
+    calibration_note: str | None = None  # why calibrated_accuracy is NULL
 
 
 class AttackSkip(SQLModel, table=True):
@@ -207,6 +219,33 @@ class MetricInterval(SQLModel, table=True):
     tpr_at_fpr_1e2_ci_high: float | None = _double()
 
 
+class FleetMetric(SQLModel, table=True):
+    """Metrics of one ROC over the concatenated scores of a fleet's targets (LiRA's pooled view; schema 8)."""
+
+    __tablename__ = "fleet_metrics"
+    __mapper_args__ = {"primary_key": ["attack_key", "perturbation", "recipe_key"]}
+
+    attack_key: str = _key()
+    perturbation: str = _key()
+    recipe_key: str = _key()  # hash of the training recipe the pooled targets share
+    model_key: str = _key()  # one pooled target (dataset / defense / eps); rm of it drops the row
+    n_targets: int = _key()
+    balanced_accuracy: float | None = _double()
+    auc: float | None = _double()
+    tpr_at_fpr_0: float | None = _double()
+    tpr_at_fpr_1e4: float | None = _double()
+    tpr_at_fpr_1e3: float | None = _double()
+    tpr_at_fpr_1e2: float | None = _double()
+    advantage: float | None = _double()
+    threshold: float | None = _double()
+    n_members: int | None = Field(default=None, sa_type=sa.BigInteger)
+    n_nonmembers: int | None = Field(default=None, sa_type=sa.BigInteger)
+    decision_accuracy: float | None = _double()
+    decision_tpr: float | None = _double()
+    decision_fpr: float | None = _double()
+    created_at: datetime | None = Field(default=None, sa_type=TSTZ)
+
+
 DECLARED: tuple[type[SQLModel], ...] = (
     Experiment,
     Model,
@@ -215,6 +254,7 @@ DECLARED: tuple[type[SQLModel], ...] = (
     Metric,
     AttackSkip,
     MetricInterval,
+    FleetMetric,
 )
 
 _DIALECT = Dialect()

@@ -71,6 +71,10 @@ CREATE TABLE attacks (
     params JSON,
     needs JSON,
     created_at TIMESTAMP WITH TIME ZONE,
+    base_name VARCHAR,
+    origin VARCHAR,
+    decision_threshold DOUBLE PRECISION,
+    nonfinite VARCHAR,
     PRIMARY KEY (attack_key)
 );
 
@@ -95,7 +99,13 @@ CREATE TABLE metrics (
     calibrated_threshold DOUBLE PRECISION,
     n_reference_models INTEGER,
     seconds DOUBLE PRECISION,
-    created_at TIMESTAMP WITH TIME ZONE
+    created_at TIMESTAMP WITH TIME ZONE,
+    tpr_at_fpr_1e4 DOUBLE PRECISION,
+    decision_accuracy DOUBLE PRECISION,
+    decision_tpr DOUBLE PRECISION,
+    decision_fpr DOUBLE PRECISION,
+    n_nonfinite INTEGER,
+    calibration_note VARCHAR
 );
 
 CREATE TABLE attack_skips (
@@ -124,4 +134,26 @@ CREATE TABLE metric_intervals (
     tpr_at_fpr_1e3_ci_high DOUBLE PRECISION,
     tpr_at_fpr_1e2_ci_low DOUBLE PRECISION,
     tpr_at_fpr_1e2_ci_high DOUBLE PRECISION
+);
+
+CREATE TABLE fleet_metrics (
+    attack_key VARCHAR NOT NULL,
+    perturbation VARCHAR NOT NULL,
+    recipe_key VARCHAR NOT NULL,
+    model_key VARCHAR NOT NULL,
+    n_targets INTEGER NOT NULL,
+    balanced_accuracy DOUBLE PRECISION,
+    auc DOUBLE PRECISION,
+    tpr_at_fpr_0 DOUBLE PRECISION,
+    tpr_at_fpr_1e4 DOUBLE PRECISION,
+    tpr_at_fpr_1e3 DOUBLE PRECISION,
+    tpr_at_fpr_1e2 DOUBLE PRECISION,
+    advantage DOUBLE PRECISION,
+    threshold DOUBLE PRECISION,
+    n_members BIGINT,
+    n_nonmembers BIGINT,
+    decision_accuracy DOUBLE PRECISION,
+    decision_tpr DOUBLE PRECISION,
+    decision_fpr DOUBLE PRECISION,
+    created_at TIMESTAMP WITH TIME ZONE
 );
