@@ -96,31 +96,36 @@ def numpy_attacks(phi: np.ndarray, p_true: np.ndarray, members: np.ndarray) -> d
 
 
 def attack_only_seconds(db: Path) -> float:
-    """The attacks' own time: their score() in the sandbox over relations materialised beforehand, i.e.
-    without the scoring core's store reads, metric computation, bootstrap intervals and writes (uses the
-    core's internal planning functions, as score_attacks does)."""
-    from robmia_db.attacks import scoring
+    """The attacks' own time: their score() in the sandbox over relations read beforehand, i.e. without the
+    scoring core's store reads, metric computation, bootstrap intervals and writes (the same planning and
+    sandbox steps as `score_attacks`, one target per sandbox)."""
+    from robmia_db.attacks.planning import plan_units, read_state, reference_models
     from robmia_db.attacks.registry import load_registry
+    from robmia_db.attacks.sandbox import batches, close_sandbox, open_sandbox, read_relations
+    from robmia_db.attacks.scoring import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S, run_batch
     from robmia_db.store.connection import reading
 
     registry = load_registry()
     total = 0.0
     with reading(db) as con:
-        state = scoring._read_state(con)
-        references = scoring.reference_models(state)
-        counts = scoring._example_counts(con)
-        for name in ("lira_online", "rmia_offline"):
-            attack = registry.get(name)
-            units, _ = scoring.plan_units(attack, state, references, None)
-            groups: dict[str, list] = {}
-            for unit in units:
-                groups.setdefault(unit.perturbation, []).append(unit)
-            for group in groups.values():
-                sandbox = scoring._sandbox(scoring._materialise_relations(con, attack, group))
+        state = read_state(con)
+    references = reference_models(state)
+    key_names = {key: row["model_name"] for key, row in state.models.items()}
+    for name in ("lira_online", "rmia_offline"):
+        attack = registry.get(name)
+        units, _ = plan_units(attack, state, references, None)
+        groups: dict[tuple, list] = {}
+        for unit in units:
+            groups.setdefault(tuple(sorted(unit.inputs.items())), []).append(unit)
+        for group in groups.values():
+            with reading(db) as con:
+                relations = read_relations(con, attack, group)
+            for batch, batch_relations in batches(attack, group, relations):
+                sandbox = open_sandbox(batch_relations, DEFAULT_MEMORY_LIMIT)
                 start = time.perf_counter()
-                scoring._run_units(sandbox, attack, group, counts)
+                run_batch(sandbox, attack, batch, key_names, DEFAULT_TIMEOUT_S)
                 total += time.perf_counter() - start
-                sandbox.close()
+                close_sandbox(sandbox)
     return total
 
 
@@ -134,6 +139,10 @@ def worker(mode: str, folder: Path, n_models: int, n: int) -> None:
         start = time.perf_counter()
         outcomes = score_attacks(folder / "fleet.duckdb", ["lira_online", "rmia_offline"], force=True)
         result["seconds"] = time.perf_counter() - start
+        # the same without the 1,000-replicate bootstrap intervals (`score --resamples 0`)
+        start = time.perf_counter()
+        score_attacks(folder / "fleet.duckdb", ["lira_online", "rmia_offline"], force=True, resamples=0)
+        result["seconds_no_intervals"] = time.perf_counter() - start
         result["scored"] = {o.attack.name: o.scored for o in outcomes}
         result["attack_seconds"] = attack_only_seconds(folder / "fleet.duckdb")
     else:
@@ -217,6 +226,10 @@ def main() -> None:
         "store_build_seconds": round(build_seconds, 2),
         "numpy_seconds": round(runs["numpy"]["seconds"], 3),
         "ours_seconds": round(runs["ours"]["seconds"], 3),
+        "ours_seconds_no_intervals": round(runs["ours"]["seconds_no_intervals"], 3),
+        "ratio_no_intervals_over_numpy": round(
+            runs["ours"]["seconds_no_intervals"] / runs["numpy"]["seconds"], 3
+        ),
         "ratio_ours_over_numpy": round(ratio, 3),
         "ours_attack_only_seconds": round(runs["ours"]["attack_seconds"], 3),
         "ratio_attack_only_over_numpy": round(attack_ratio, 3),
@@ -229,7 +242,8 @@ def main() -> None:
     print(
         f"{n_models} models x {n} examples x {len(PERTURBATIONS)} perturbations (scale {args.scale}): "
         f"numpy {report['numpy_seconds']} s; ours end to end {report['ours_seconds']} s "
-        f"(ratio {report['ratio_ours_over_numpy']}x), the attacks alone {report['ours_attack_only_seconds']} s "
+        f"(ratio {report['ratio_ours_over_numpy']}x; without bootstrap intervals "
+        f"{report['ours_seconds_no_intervals']} s, ratio {report['ratio_no_intervals_over_numpy']}x), the attacks alone {report['ours_attack_only_seconds']} s "
         f"(ratio {report['ratio_attack_only_over_numpy']}x); "
         f"peak RSS numpy {report['numpy_peak_rss_mb']} MB, ours {report['ours_peak_rss_mb']} MB; "
         f"max |score difference| {max_abs_diff}"
