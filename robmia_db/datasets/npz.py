@@ -115,14 +115,19 @@ class NpzArrays:
     classes: list[str] | None
 
 
+def _open_npz(path: Path) -> Any:
+    """The npz archive (a context manager), or a one-line DatasetError saying what was expected."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"{path}: cannot read npz ({one_line(exc)}); expected {_NPZ_EXPECTED}") from exc
+
+
 def read_npz(path: Path, layout: str) -> NpzArrays:
     """Read images, labels and origin splits from an npz in either the (x, y, split) or the x_train/x_test form."""
     if layout not in ("auto", "nchw", "nhwc"):
         raise DatasetError(f"layout must be 'auto', 'nchw' or 'nhwc' (got {layout!r})")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{path}: cannot read npz ({one_line(exc)}); expected {_NPZ_EXPECTED}") from exc
+    archive = _open_npz(path)
     with archive:
         keys = set(archive.files)
         try:
@@ -173,10 +178,7 @@ def read_npz(path: Path, layout: str) -> NpzArrays:
 
 def count_npz_arrays(path: Path) -> dict[str, int]:
     """Examples per origin split of an npz, from its labels and `split` alone (the images are not read)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{path}: cannot read npz ({one_line(exc)}); expected {_NPZ_EXPECTED}") from exc
+    archive = _open_npz(path)
     with archive:
         keys = set(archive.files)
         try:
