@@ -94,35 +94,13 @@ def metrics_from_ranks(
     """
     rows, P = member_ranks.shape
     N = nonmember_ranks.shape[1]
-    # int32 halves the memory traffic of the O(B x K) passes; products need P * N to fit in it
-    small = P * N < 2**31 - 1
-    dtype = np.int32 if small else np.int64
+    dtype = np.int32 if P * N < 2**31 - 1 else np.int64
     offsets = (np.arange(rows, dtype=np.int64) * K)[:, None]
     pos = np.bincount((member_ranks + offsets).ravel(), minlength=rows * K)
     neg = np.bincount((nonmember_ranks + offsets).ravel(), minlength=rows * K)
     pos = pos.reshape(rows, K).astype(dtype, copy=False)
     neg = neg.reshape(rows, K).astype(dtype, copy=False)
-    tp = np.cumsum(pos, axis=1, dtype=dtype)
-    fp = np.cumsum(neg, axis=1, dtype=dtype)
-    gain = tp * dtype(N) - fp * dtype(P)
-    best = np.argmax(gain, axis=1)[:, None]  # first = highest threshold, as reference_metrics
-    best_gain = np.take_along_axis(gain, best, axis=1)[:, 0]
-    best_tp = np.take_along_axis(tp, best, axis=1)[:, 0].astype(np.int64)
-    best_fp = np.take_along_axis(fp, best, axis=1)[:, 0].astype(np.int64)
-    beats = best_gain > 0
-    # the same float operations as reference_metrics, so replicates match it bit for bit
-    balanced = np.where(beats, 0.5 * (best_tp / P + 1.0 - best_fp / N), 0.5)
-    # both sums are at most P * N, so they fit in dtype as the products do
-    auc2 = 2 * np.einsum("ij,ij->i", pos, dtype(N) - fp).astype(np.int64) + np.einsum(
-        "ij,ij->i", pos, neg
-    ).astype(np.int64)
-    out = {"balanced_accuracy": balanced, "auc": auc2 / (2.0 * P * N)}
-    for name, num, den in _TPR_LEVELS:
-        if num and N * num < den:  # unresolvable with N non-members: NULL, as in metrics.reference_metrics
-            out[name] = np.full(rows, np.nan)
-            continue
-        out[name] = _tpr_at_fpr(tp, fp, num * N // den) / P
-    return out
+    return metrics_from_counts(pos, neg, np.einsum("ij,ij->i", pos, neg), P, N)
 
 
 def _tpr_at_fpr(tp: np.ndarray, fp: np.ndarray, fp_limit: int) -> np.ndarray:
@@ -135,6 +113,151 @@ def _tpr_at_fpr(tp: np.ndarray, fp: np.ndarray, fp_limit: int) -> np.ndarray:
     allowed = np.count_nonzero(fp[:, :length] <= fp_limit, axis=1)
     at = np.take_along_axis(tp[:, :length], np.maximum(allowed - 1, 0)[:, None], axis=1)[:, 0]
     return np.where(allowed > 0, at, 0).astype(np.int64)
+
+
+class ScoreBins:
+    """One group's scores as *member columns*, the only thresholds the bootstrap needs to evaluate.
+
+    Distinct scores, highest first; a column is a run of consecutive member-only distinct scores, or one
+    distinct score that members and non-members share (a tie across the classes). Each non-member counts
+    towards the first column at or below its score (the column's false positives include it). No metric
+    changes: inside a member-only run the false positives are constant, so the best balanced accuracy, the
+    TPR at each FPR and the AUC terms are those of the run's end; at a non-member-only score the true
+    positives equal those of the column above it with more false positives, so it never beats that column
+    (and the bottom non-members after the last column, all false positives, change nothing).
+    """
+
+    def __init__(self, member_scores: np.ndarray, nonmember_scores: np.ndarray):
+        ranked = RankedScores(member_scores, nonmember_scores)
+        K = ranked.n_distinct
+        has_m = np.bincount(ranked.member_rank, minlength=K) > 0
+        has_n = np.bincount(ranked.nonmember_rank, minlength=K) > 0
+        tied = has_m & has_n
+        member_only = has_m & ~has_n
+        starts = has_m.copy()
+        starts[1:] &= ~(member_only[1:] & member_only[:-1])
+        started = np.cumsum(starts)  # columns started at or above each distinct score
+        self.n_members = ranked.n_members
+        self.n_nonmembers = ranked.n_nonmembers
+        self.n_columns = int(started[-1])
+        self.member_column = started[ranked.member_rank] - 1
+        # a non-member's column: its own (a tie) or the next one to start below it; n_columns = none
+        self.nonmember_column = started[ranked.nonmember_rank] - has_m[ranked.nonmember_rank]
+        self.tie_columns = started[tied] - 1
+        tie_index = np.cumsum(tied) - 1
+        self.nonmember_tie = np.where(tied[ranked.nonmember_rank], tie_index[ranked.nonmember_rank], -1)
+
+    def indicator(self, dtype) -> Any:
+        """Sparse 0/1 matrix that sums per-example draw counts ((P + N) rows: members, then non-members)
+        into J member counts per column, J false-positive increments per column, then the non-member
+        counts of the T tie columns: (2J + T, P + N)."""
+        from scipy.sparse import csr_matrix  # deferred: only scoring with intervals pays scipy's import
+
+        P, J = self.n_members, self.n_columns
+        counted = self.nonmember_column < J
+        tie = self.nonmember_tie >= 0
+        nonmember = np.arange(self.n_nonmembers)
+        rows = np.concatenate(
+            (self.member_column, J + self.nonmember_column[counted], 2 * J + self.nonmember_tie[tie])
+        )
+        cols = np.concatenate((np.arange(P), P + nonmember[counted], P + nonmember[tie]))
+        shape = (2 * J + self.tie_columns.size, P + self.n_nonmembers)
+        return csr_matrix((np.ones(rows.size, dtype=dtype), (rows, cols)), shape=shape)
+
+
+def metrics_from_counts(
+    pos: np.ndarray, neg: np.ndarray, ties: np.ndarray, P: int, N: int
+) -> dict[str, np.ndarray]:
+    """Every interval metric per row of (rows, J) counts per column (highest scores first).
+
+    Args:
+        pos: Members per column.
+        neg: Non-members per column (a column's false positives are the cumulative sum); non-members below
+            the last column may be left out.
+        ties: Per row, the sum over columns of members x non-members of the same score (the AUC's ties).
+        P: Members. N: Non-members.
+
+    Integer arithmetic as in `metrics.reference_metrics`, so each row equals the metrics of the resampled
+    rows bit for bit. `pos` and `neg` may be views with contiguous rows.
+    """
+    rows = pos.shape[0]
+    # int32 halves the memory traffic of the O(B x J) passes; products need P * N to fit in it
+    dtype = np.int32 if P * N < 2**31 - 1 else np.int64
+    tp = np.cumsum(pos, axis=1, dtype=dtype)
+    fp = np.cumsum(neg, axis=1, dtype=dtype)
+    gain = np.multiply(tp, dtype(N))
+    gain -= fp * dtype(P)
+    best = np.argmax(gain, axis=1)[:, None]  # first = highest threshold, as reference_metrics
+    best_gain = np.take_along_axis(gain, best, axis=1)[:, 0]
+    best_tp = np.take_along_axis(tp, best, axis=1)[:, 0].astype(np.int64)
+    best_fp = np.take_along_axis(fp, best, axis=1)[:, 0].astype(np.int64)
+    beats = best_gain > 0
+    # the same float operations as reference_metrics, so replicates match it bit for bit
+    balanced = np.where(beats, 0.5 * (best_tp / P + 1.0 - best_fp / N), 0.5)
+    # 2 x (pairs ranked right) + (tied pairs) = 2 P N - 2 x (pairs with the non-member at or above the
+    # member) + (tied pairs); the sum is at most P * N, so it fits in dtype as the products do
+    above = np.einsum("ij,ij->i", pos, fp, dtype=dtype).astype(np.int64)
+    auc2 = 2 * P * N - 2 * above + np.asarray(ties, dtype=np.int64)
+    out = {"balanced_accuracy": balanced, "auc": auc2 / (2.0 * P * N)}
+    for name, num, den in _TPR_LEVELS:
+        if num and N * num < den:  # unresolvable with N non-members: NULL, as in metrics.reference_metrics
+            out[name] = np.full(rows, np.nan)
+            continue
+        out[name] = _tpr_at_fpr(tp, fp, num * N // den) / P
+    return out
+
+
+def _multiplicities(rng: np.random.Generator, P: int, N: int, rows: int, dtype) -> np.ndarray:
+    """(P + N, rows): how often each member, then each non-member, is drawn in each of `rows` replicates,
+    drawn by the protocol (`draw_positions`); example-major so that the sparse sums per bin run along
+    contiguous rows."""
+    counts = np.empty((rows, P + N), dtype=dtype)
+    for i, (m, n) in enumerate(draw_positions(rng, P, N, rows)):
+        counts[i, :P] = np.bincount(m, minlength=P)
+        counts[i, P:] = np.bincount(n, minlength=N)
+    return np.ascontiguousarray(counts.T)
+
+
+def replicates_of_groups(
+    groups: Sequence[tuple[np.ndarray, np.ndarray]],
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> list[dict[str, np.ndarray]]:
+    """`bootstrap_replicates` of many (member scores, non-member scores) groups at once.
+
+    The draws depend only on the seed, P and N, so groups of equal P and N share them: they are drawn once
+    per chunk of replicates and turned into per-bin counts of every such group by one sparse product each.
+    """
+    out: list[dict[str, np.ndarray]] = [{} for _ in groups]
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, (members, nonmembers) in enumerate(groups):
+        if members.size and nonmembers.size and n_resamples > 0:
+            by_size.setdefault((members.size, nonmembers.size), []).append(i)
+    for (P, N), members_of in by_size.items():
+        bins = [ScoreBins(*groups[i]) for i in members_of]
+        # a count is at most P (or N); int16 halves the traffic of the sparse sums where it fits
+        dtype = np.int16 if max(P, N) < 2**15 else np.int32
+        indicators = [b.indicator(dtype) for b in bins]
+        width = max(P + N, 3 * max(b.n_columns for b in bins))
+        chunk = max(1, min(n_resamples, _CHUNK_ELEMENTS // width))
+        parts: list[dict[str, list[np.ndarray]]] = [{m: [] for m in INTERVAL_METRICS} for _ in bins]
+        rng = np.random.default_rng(seed)
+        done = 0
+        while done < n_resamples:
+            rows = min(chunk, n_resamples - done)
+            counts = _multiplicities(rng, P, N, rows, dtype)
+            for b, indicator, part in zip(bins, indicators, parts):
+                J = b.n_columns
+                per_column = (indicator @ counts).T.astype(np.int32, order="C")  # (rows, 2J + T)
+                pos = per_column[:, :J]
+                ties = np.einsum("ij,ij->i", pos[:, b.tie_columns], per_column[:, 2 * J :])
+                values = metrics_from_counts(pos, per_column[:, J : 2 * J], ties, P, N)
+                for name, v in values.items():
+                    part[name].append(v)
+            done += rows
+        for i, part in zip(members_of, parts):
+            out[i] = {name: np.concatenate(v) for name, v in part.items()}
+    return out
 
 
 def bootstrap_replicates(
@@ -152,26 +275,7 @@ def bootstrap_replicates(
         ``{metric: float64 array of length B}`` for `INTERVAL_METRICS`; empty when there are no members or
         no non-members.
     """
-    members, nonmembers = _split(scores, is_member)
-    if members.size == 0 or nonmembers.size == 0 or n_resamples <= 0:
-        return {}
-    ranked = RankedScores(members, nonmembers)
-    rng = np.random.default_rng(seed)
-    width = max(members.size, nonmembers.size, ranked.n_distinct)
-    chunk = max(1, min(n_resamples, _CHUNK_ELEMENTS // width))
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in INTERVAL_METRICS}
-    done = 0
-    while done < n_resamples:
-        rows = min(chunk, n_resamples - done)
-        member_positions = np.empty((rows, members.size), dtype=np.int64)
-        nonmember_positions = np.empty((rows, nonmembers.size), dtype=np.int64)
-        for i, (m, n) in enumerate(draw_positions(rng, members.size, nonmembers.size, rows)):
-            member_positions[i] = m
-            nonmember_positions[i] = n
-        for name, values in ranked.metrics(member_positions, nonmember_positions).items():
-            parts[name].append(values)
-        done += rows
-    return {name: np.concatenate(values) for name, values in parts.items()}
+    return replicates_of_groups([_split(scores, is_member)], n_resamples, seed)[0]
 
 
 def reference_replicates(
@@ -209,7 +313,10 @@ def bootstrap_intervals(
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, float | None]:
     """``{metric}_ci_low`` / ``_ci_high`` for every interval metric of one group (None when undefined)."""
-    replicates = bootstrap_replicates(scores, is_member, n_resamples, seed)
+    return _intervals_of(bootstrap_replicates(scores, is_member, n_resamples, seed), confidence)
+
+
+def _intervals_of(replicates: dict[str, np.ndarray], confidence: float) -> dict[str, float | None]:
     result: dict[str, float | None] = dict.fromkeys(INTERVAL_COLUMNS)
     for name, values in replicates.items():
         if np.all(np.isnan(values)):  # a metric that is NULL itself (an unresolvable FPR level)
@@ -251,10 +358,12 @@ def grouped_intervals(
         starts = np.array([0])
     ends = np.r_[starts[1:], table.num_rows]
     out: dict[str, list[Any]] = {n: [] for n in [*names, *INTERVAL_COLUMNS]}
-    for start, end in zip(starts.tolist(), ends.tolist()):
+    spans = list(zip(starts.tolist(), ends.tolist()))
+    groups = [_split(scores[start:end], members[start:end]) for start, end in spans]
+    for (start, _), replicates in zip(spans, replicates_of_groups(groups, n_resamples, seed)):
         for n, column in zip(names, key_columns):
             out[n].append(column[start].item() if hasattr(column[start], "item") else column[start])
-        intervals = bootstrap_intervals(scores[start:end], members[start:end], n_resamples, seed, confidence)
+        intervals = _intervals_of(replicates, confidence)
         for column_name in INTERVAL_COLUMNS:
             out[column_name].append(intervals[column_name])
     arrays = {n: pa.array(out[n], type=table.schema.field(n).type) for n in names}
