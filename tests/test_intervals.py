@@ -6,15 +6,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from robmia_db.attacks.intervals import (
     INTERVAL_COLUMNS,
+    ScoreBins,
     bootstrap_intervals,
     bootstrap_replicates,
+    draw_positions,
+    grouped_intervals,
     percentile_interval,
     reference_replicates,
+    replicates_of_groups,
 )
 from robmia_db.attacks.scoring import score_attacks
 from tests.attack_fixtures import import_synthetic, query, scores_of, synthetic_outputs
@@ -59,6 +64,90 @@ def test_vectorised_replicates_equal_the_plain_bootstrap_loop(n, decimals):
     independent = _plain_numpy_bootstrap(scores, members, 150, 7)
     for name, values in independent.items():
         np.testing.assert_allclose(fast[name], values, rtol=0, atol=1e-12, err_msg=name, equal_nan=True)
+
+
+def _assert_same_replicates(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name], equal_nan=True), name
+
+
+def _edge_cases():
+    rng = np.random.default_rng(42)
+    members = np.arange(200) < 100
+    on_top = np.where(members, 0.5 + rng.random(200), np.where(np.arange(200) % 2, 2.0, rng.random(200)))
+    yield "non-members on top", on_top, members
+    yield "all tied", np.ones(200), members
+    yield "members all above", np.where(members, 1.0, 0.0) + rng.random(200) * 0.1, members
+    yield "one member", rng.normal(size=200), np.arange(200) == 7
+    # float32 softmax-like confidences, many tied at 1.0f, as the benchmark's
+    x = rng.gamma(np.where(members, 4.2, 3.8), 3.6)
+    yield "float32 ties at 1", (1.0 - np.exp(-x)).astype(np.float32).astype(np.float64), members
+    mixed = np.round(rng.normal(0.4 * members, 1.0), 1)
+    mixed[::3] = 9.0  # a top bin shared by both classes
+    yield "shared top bin", mixed, members
+
+
+@pytest.mark.parametrize("case", list(_edge_cases()), ids=lambda c: c[0])
+def test_member_columns_keep_the_plain_loops_replicates(case):
+    _, scores, members = case
+    fast = bootstrap_replicates(scores, members, n_resamples=60, seed=5)
+    _assert_same_replicates(fast, reference_replicates(scores, members, n_resamples=60, seed=5))
+
+
+def test_member_columns_are_fewer_than_distinct_scores():
+    scores, members = _tied_scores(9, 2000, 2)
+    bins = ScoreBins(scores[members], scores[~members])
+    assert bins.n_columns < np.unique(scores[members]).size
+    assert bins.tie_columns.size == np.intersect1d(scores[members], scores[~members]).size
+
+
+def test_equal_split_sizes_draw_the_protocols_sequence():
+    from robmia_db.attacks.intervals import _multiplicities
+
+    P = 257
+    counts = _multiplicities(np.random.default_rng(4), P, P, 9, np.int32)
+    for i, (m, n) in enumerate(draw_positions(np.random.default_rng(4), P, P, 9)):
+        assert np.array_equal(counts[:P, i], np.bincount(m, minlength=P))
+        assert np.array_equal(counts[P:, i], np.bincount(n, minlength=P))
+    rng = np.random.default_rng(8)
+    members = rng.permutation(np.arange(240) < 120)
+    scores = np.round(rng.normal(0.5 * members, 1.0), 1)
+    _assert_same_replicates(
+        bootstrap_replicates(scores, members, 80, seed=2), reference_replicates(scores, members, 80, seed=2)
+    )
+
+
+def test_groups_sharing_draws_equal_groups_run_alone(monkeypatch):
+    from robmia_db.attacks import intervals
+
+    rng = np.random.default_rng(6)
+    groups = []
+    for size, share in [(300, 0.5), (300, 0.5), (250, 0.4), (300, 0.5), (250, 0.4)]:
+        members = rng.permutation(np.arange(size) < int(size * share))
+        scores = np.round(rng.normal(0.5 * members, 1.0), 2)
+        groups.append((scores[members], scores[~members]))
+    monkeypatch.setattr(intervals, "_CHUNK_ELEMENTS", 5000)  # several chunks per (P, N)
+    together = replicates_of_groups(groups, n_resamples=40, seed=3)
+    for (m, n), replicates in zip(groups, together):
+        alone = bootstrap_replicates(np.r_[m, n], np.r_[np.ones(m.size, bool), np.zeros(n.size, bool)], 40, 3)
+        _assert_same_replicates(replicates, alone)
+    table = pa.table(
+        {
+            "model": np.repeat(np.arange(len(groups)), [m.size + n.size for m, n in groups]),
+            "example_id": np.concatenate([np.arange(m.size + n.size) for m, n in groups]),
+            "score": np.concatenate([np.r_[m, n] for m, n in groups]),
+            "is_member": np.concatenate(
+                [np.r_[np.ones(m.size, bool), np.zeros(n.size, bool)] for m, n in groups]
+            ),
+        }
+    )
+    stored = grouped_intervals(table, ["model"], n_resamples=40, seed=3).to_pylist()
+    for row, (m, n) in zip(stored, groups):
+        expected = bootstrap_intervals(
+            np.r_[m, n], np.r_[np.ones(m.size, bool), np.zeros(n.size, bool)], 40, 3
+        )
+        assert {c: row[c] for c in INTERVAL_COLUMNS} == expected
 
 
 def test_chunking_does_not_change_the_replicates(monkeypatch):
