@@ -102,14 +102,20 @@ def test_member_columns_are_fewer_than_distinct_scores():
     assert bins.tie_columns.size == np.intersect1d(scores[members], scores[~members]).size
 
 
-def test_equal_split_sizes_draw_the_protocols_sequence():
-    from robmia_db.attacks.intervals import _multiplicities
+def test_blocks_of_draws_are_the_protocols_int64_sequence():
+    from robmia_db.attacks.intervals import _draw_block
 
-    P = 257
-    counts = _multiplicities(np.random.default_rng(4), P, P, 9, np.int32)
-    for i, (m, n) in enumerate(draw_positions(np.random.default_rng(4), P, P, 9)):
-        assert np.array_equal(counts[:P, i], np.bincount(m, minlength=P))
-        assert np.array_equal(counts[P:, i], np.bincount(n, minlength=P))
+    for P, N in [(257, 257), (257, 190)]:  # one call for P = N, else two per replicate
+        members, nonmembers = _draw_block(np.random.default_rng(4), P, N, 9)
+        plain = np.random.default_rng(4)
+        for i in range(9):
+            assert np.array_equal(members[i], plain.integers(0, P, size=P))
+            assert np.array_equal(nonmembers[i], plain.integers(0, N, size=N))
+        for i, (m, n) in enumerate(draw_positions(np.random.default_rng(4), P, N, 9)):
+            assert np.array_equal(m, members[i]) and np.array_equal(n, nonmembers[i])
+
+
+def test_equal_split_sizes_keep_the_plain_loops_replicates():
     rng = np.random.default_rng(8)
     members = rng.permutation(np.arange(240) < 120)
     scores = np.round(rng.normal(0.5 * members, 1.0), 1)

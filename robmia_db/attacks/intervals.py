@@ -1,4 +1,5 @@
-"""Attacks layer: stratified bootstrap intervals of the membership metrics; imports numpy, duckdb, pyarrow.
+"""Attacks layer: stratified bootstrap intervals of the membership metrics; imports numpy, duckdb, pyarrow
+(and scipy's sparse matrices, when intervals are computed).
 
 The resampling protocol is the contract (a plain numpy loop reproduces it exactly, see
 `reference_replicates`): one ``numpy.random.default_rng(seed)`` per (attack, model, perturbation); members
@@ -8,10 +9,12 @@ non-members are resampled separately (a stratified bootstrap), so every replicat
 and the balanced accuracy keeps its meaning. Because the draws depend only on the seed, P and N, two models
 evaluated on the same examples share their resamples: intervals of the same examples are paired.
 
-The vectorised path turns each replicate's draws into counts per distinct score (a bincount of the drawn
-positions' score ranks), then computes every metric from cumulative counts, in the same integer arithmetic
-as `metrics.reference_metrics`, so each replicate equals the metrics of the resampled rows exactly; ties
-are handled because all rows of one distinct score fall into one count.
+The vectorised path draws each chunk of replicates once for all the groups of one (P, N) (the models of one
+spec), counts how often each example is drawn, and sums those counts into each group's *member columns*
+(`ScoreBins`: runs of member-only distinct scores, and scores tied across the classes; the only thresholds
+a metric can be decided at) with one sparse product. Every metric then comes from cumulative counts, in the
+same integer arithmetic as `metrics.reference_metrics`, so each replicate equals the metrics of the
+resampled rows exactly; ties are exact because all rows of one distinct score fall into one column.
 
 Intervals are percentile intervals (numpy's default linear quantile) of the replicates: 95 % by default.
 """
@@ -58,9 +61,31 @@ def _split(scores: Any, is_member: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def draw_positions(rng: np.random.Generator, n_members: int, n_nonmembers: int, count: int) -> Iterator:
-    """Yields ``count`` replicates' (member positions, non-member positions), in the protocol's order."""
+    """Yields ``count`` replicates' (member positions, non-member positions), in the protocol's order.
+
+    The positions are 32-bit where they fit: numpy draws a bounded integer below 2**32 from one 32-bit word
+    whatever the output type, so they equal the protocol's int64 draws (a test checks this) at half the
+    memory traffic."""
+    dtype = np.uint32 if max(n_members, n_nonmembers) < 2**32 else np.int64
     for _ in range(count):
-        yield rng.integers(0, n_members, size=n_members), rng.integers(0, n_nonmembers, size=n_nonmembers)
+        yield (
+            rng.integers(0, n_members, size=n_members, dtype=dtype),
+            rng.integers(0, n_nonmembers, size=n_nonmembers, dtype=dtype),
+        )
+
+
+def _draw_block(rng: np.random.Generator, P: int, N: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, P) member and (rows, N) non-member positions of the next `rows` replicates."""
+    if P == N and P < 2**32:
+        # with one bound, one call of (rows, 2, P) draws exactly the protocol's 2 x rows calls (each value
+        # comes from the next 32-bit word, accepted or not by the bound alone), without their per-call cost
+        draws = rng.integers(0, P, size=(rows, 2, P), dtype=np.uint32)
+        return draws[:, 0], draws[:, 1]
+    dtype = np.uint32 if max(P, N) < 2**32 else np.int64
+    members, nonmembers = np.empty((rows, P), dtype=dtype), np.empty((rows, N), dtype=dtype)
+    for i, (m, n) in enumerate(draw_positions(rng, P, N, rows)):
+        members[i], nonmembers[i] = m, n
+    return members, nonmembers
 
 
 class RankedScores:
@@ -148,9 +173,9 @@ class ScoreBins:
         self.nonmember_tie = np.where(tied[ranked.nonmember_rank], tie_index[ranked.nonmember_rank], -1)
 
     def indicator(self, dtype) -> Any:
-        """Sparse 0/1 matrix that sums per-example draw counts ((P + N) rows: members, then non-members)
-        into J member counts per column, J false-positive increments per column, then the non-member
-        counts of the T tie columns: (2J + T, P + N)."""
+        """Sparse 0/1 (2J + T, P + N) matrix that sums how often each example is drawn (members, then
+        non-members) into J member counts per column, J false-positive increments per column (a tied
+        non-member counts in its column), then the non-member counts of the T tie columns."""
         from scipy.sparse import csr_matrix  # deferred: only scoring with intervals pays scipy's import
 
         P, J = self.n_members, self.n_columns
@@ -207,26 +232,6 @@ def metrics_from_counts(
     return out
 
 
-def _multiplicities(rng: np.random.Generator, P: int, N: int, rows: int, dtype) -> np.ndarray:
-    """(P + N, rows): how often each member, then each non-member, is drawn in each of `rows` replicates,
-    drawn by the protocol (`draw_positions`); example-major so that the sparse sums per column run along
-    contiguous rows."""
-    counts = np.empty((rows, P + N), dtype=dtype)
-    if P == N and P < 2**32:
-        # Bounded integers below 2**32 come from one 32-bit word each, accepted or not by the bound alone,
-        # so with one bound one call of (rows, 2P) draws exactly the protocol's sequence of 2 x rows calls
-        # (a test checks this against draw_positions), without their per-call cost.
-        draws = rng.integers(0, P, size=(rows, 2, P), dtype=np.uint32)
-        for i in range(rows):
-            counts[i, :P] = np.bincount(draws[i, 0], minlength=P)
-            counts[i, P:] = np.bincount(draws[i, 1], minlength=N)
-    else:
-        for i, (m, n) in enumerate(draw_positions(rng, P, N, rows)):
-            counts[i, :P] = np.bincount(m, minlength=P)
-            counts[i, P:] = np.bincount(n, minlength=N)
-    return np.ascontiguousarray(counts.T)
-
-
 def replicates_of_groups(
     groups: Sequence[tuple[np.ndarray, np.ndarray]],
     n_resamples: int = DEFAULT_RESAMPLES,
@@ -234,8 +239,9 @@ def replicates_of_groups(
 ) -> list[dict[str, np.ndarray]]:
     """`bootstrap_replicates` of many (member scores, non-member scores) groups at once.
 
-    The draws depend only on the seed, P and N, so groups of equal P and N share them: they are drawn once
-    per chunk of replicates and turned into per-bin counts of every such group by one sparse product each.
+    The draws depend only on the seed, P and N, so groups of equal P and N (the models of one spec) share
+    them: each chunk of replicates is drawn once, and one sparse product per group sums its draw counts
+    into the group's columns.
     """
     out: list[dict[str, np.ndarray]] = [{} for _ in groups]
     by_size: dict[tuple[int, int], list[int]] = {}
@@ -244,29 +250,41 @@ def replicates_of_groups(
             by_size.setdefault((members.size, nonmembers.size), []).append(i)
     for (P, N), members_of in by_size.items():
         bins = [ScoreBins(*groups[i]) for i in members_of]
-        # a count is at most P (or N); int16 halves the traffic of the sparse sums where it fits
-        dtype = np.int16 if max(P, N) < 2**15 else np.int32
-        indicators = [b.indicator(dtype) for b in bins]
         width = max(P + N, 3 * max(b.n_columns for b in bins))
         chunk = max(1, min(n_resamples, _CHUNK_ELEMENTS // width))
         parts: list[dict[str, list[np.ndarray]]] = [{m: [] for m in INTERVAL_METRICS} for _ in bins]
+        # a draw count is at most P (or N); int16 halves the traffic of the sparse sums where it fits
+        dtype = np.int16 if max(P, N) < 2**15 else np.int32
+        indicators = [b.indicator(dtype) for b in bins]
         rng = np.random.default_rng(seed)
         done = 0
         while done < n_resamples:
             rows = min(chunk, n_resamples - done)
-            counts = _multiplicities(rng, P, N, rows, dtype)
-            for b, indicator, part in zip(bins, indicators, parts):
-                J = b.n_columns
-                per_column = (indicator @ counts).T.astype(np.int32, order="C")  # (rows, 2J + T)
-                pos = per_column[:, :J]
-                ties = np.einsum("ij,ij->i", pos[:, b.tie_columns], per_column[:, 2 * J :])
-                values = metrics_from_counts(pos, per_column[:, J : 2 * J], ties, P, N)
-                for name, v in values.items():
-                    part[name].append(v)
+            members, nonmembers = _draw_block(rng, P, N, rows)
+            # how often each example is drawn, once for all the groups; example-major so that the sparse
+            # sums run along contiguous rows (a table look-up and a bincount per group and replicate costs
+            # more, even for one group)
+            drawn = np.empty((rows, P + N), dtype=dtype)
+            for i in range(rows):
+                drawn[i, :P] = np.bincount(members[i], minlength=P)
+                drawn[i, P:] = np.bincount(nonmembers[i], minlength=N)
+            drawn = np.ascontiguousarray(drawn.T)
+            counts = [(indicator @ drawn).T.astype(np.int32, order="C") for indicator in indicators]
+            for b, part, per_column in zip(bins, parts, counts):
+                for name, values in _metrics_of_counts(b, per_column).items():
+                    part[name].append(values)
             done += rows
         for i, part in zip(members_of, parts):
             out[i] = {name: np.concatenate(v) for name, v in part.items()}
     return out
+
+
+def _metrics_of_counts(bins: ScoreBins, per_column: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics from (rows, 2J + T) counts in the row order of `ScoreBins.indicator`."""
+    J = bins.n_columns
+    pos = per_column[:, :J]
+    ties = np.einsum("ij,ij->i", pos[:, bins.tie_columns], per_column[:, 2 * J :])
+    return metrics_from_counts(pos, per_column[:, J : 2 * J], ties, bins.n_members, bins.n_nonmembers)
 
 
 def bootstrap_replicates(
