@@ -129,16 +129,21 @@ def metrics_from_ranks(
     return metrics_from_counts(pos, neg, np.einsum("ij,ij->i", pos, neg), P, N)
 
 
-def _tpr_at_fpr(tp: np.ndarray, fp: np.ndarray, fp_limit: int) -> np.ndarray:
-    """Per row, tp at the last column with fp <= fp_limit (0 if none): fp grows along a row, so the
-    allowed columns are a prefix, usually short at low FPR; it is found by doubling its length."""
+def _tp_at_fp_limits(tp: np.ndarray, fp: np.ndarray, limits: Sequence[int]) -> list[np.ndarray]:
+    """Per limit and row, tp at the last column with fp <= limit (0 if none): fp grows along a row, so the
+    allowed columns are a prefix, usually short at low FPR; the longest is found by doubling its length."""
     K = fp.shape[1]
     length = min(K, 64)
-    while length < K and np.any(fp[:, length - 1] <= fp_limit):
+    while length < K and np.any(fp[:, length - 1] <= max(limits)):
         length = min(K, 2 * length)
-    allowed = np.count_nonzero(fp[:, :length] <= fp_limit, axis=1)
-    at = np.take_along_axis(tp[:, :length], np.maximum(allowed - 1, 0)[:, None], axis=1)[:, 0]
-    return np.where(allowed > 0, at, 0).astype(np.int64)
+    tp_prefix, fp_prefix = tp[:, :length], fp[:, :length]
+    row = np.arange(tp.shape[0])
+    out = []
+    for limit in limits:
+        allowed = np.count_nonzero(fp_prefix <= limit, axis=1)
+        at = tp_prefix[row, np.maximum(allowed - 1, 0)]
+        out.append(np.where(allowed > 0, at, 0).astype(np.int64))
+    return out
 
 
 class ScoreBins:
@@ -172,22 +177,31 @@ class ScoreBins:
         self.tie_columns = started[tied] - 1
         tie_index = np.cumsum(tied) - 1
         self.nonmember_tie = np.where(tied[ranked.nonmember_rank], tie_index[ranked.nonmember_rank], -1)
+        self.member_tie = np.where(tied[ranked.member_rank], tie_index[ranked.member_rank], -1)
 
     def indicator(self, dtype) -> Any:
-        """Sparse 0/1 (2J + T, P + N) matrix that sums how often each example is drawn (members, then
+        """Sparse 0/1 (2J + 2T, P + N) matrix that sums how often each example is drawn (members, then
         non-members) into J member counts per column, J false-positive increments per column (a tied
-        non-member counts in its column), then the non-member counts of the T tie columns."""
+        non-member counts in its column), then the non-member and the member counts of the T tie columns
+        (a contiguous block each, for the AUC's ties)."""
         from scipy.sparse import csr_matrix  # deferred: only scoring with intervals pays scipy's import
 
-        P, J = self.n_members, self.n_columns
+        P, J, T = self.n_members, self.n_columns, self.tie_columns.size
         counted = self.nonmember_column < J
-        tie = self.nonmember_tie >= 0
+        tie, member_tie = self.nonmember_tie >= 0, self.member_tie >= 0
         nonmember = np.arange(self.n_nonmembers)
         rows = np.concatenate(
-            (self.member_column, J + self.nonmember_column[counted], 2 * J + self.nonmember_tie[tie])
+            (
+                self.member_column,
+                J + self.nonmember_column[counted],
+                2 * J + self.nonmember_tie[tie],
+                2 * J + T + self.member_tie[member_tie],
+            )
         )
-        cols = np.concatenate((np.arange(P), P + nonmember[counted], P + nonmember[tie]))
-        shape = (2 * J + self.tie_columns.size, P + self.n_nonmembers)
+        cols = np.concatenate(
+            (np.arange(P), P + nonmember[counted], P + nonmember[tie], np.flatnonzero(member_tie))
+        )
+        shape = (2 * J + 2 * T, P + self.n_nonmembers)
         return csr_matrix((np.ones(rows.size, dtype=dtype), (rows, cols)), shape=shape)
 
 
@@ -226,11 +240,12 @@ def metrics_from_counts(
     above = np.einsum("ij,ij->i", pos, fp, dtype=dtype).astype(np.int64)
     auc2 = 2 * P * N - 2 * above + np.asarray(ties, dtype=np.int64)
     out = {"balanced_accuracy": balanced, "auc": auc2 / (2.0 * P * N)}
-    for name, num, den in _TPR_LEVELS:
-        if num and N * num < den:  # unresolvable with N non-members: NULL, as in metrics.reference_metrics
-            out[name] = np.full(rows, np.nan)
-            continue
-        out[name] = _tpr_at_fpr(tp, fp, num * N // den) / P
+    # unresolvable with N non-members: NULL, as in metrics.reference_metrics
+    levels = [(name, num * N // den) for name, num, den in _TPR_LEVELS if not (num and N * num < den)]
+    for name, _, _ in _TPR_LEVELS:
+        out[name] = np.full(rows, np.nan)
+    for (name, _), tp_at in zip(levels, _tp_at_fp_limits(tp, fp, [limit for _, limit in levels])):
+        out[name] = tp_at / P
     return out
 
 
@@ -252,7 +267,7 @@ def replicates_of_groups(
             by_size.setdefault((members.size, nonmembers.size), []).append(i)
     for (P, N), members_of in by_size.items():
         bins = [ScoreBins(*groups[i]) for i in members_of]
-        width = max(P + N, 3 * max(b.n_columns for b in bins))
+        width = max(P + N, 4 * max(b.n_columns for b in bins))
         chunk = max(1, min(n_resamples, _CHUNK_ELEMENTS // width))
         parts: list[dict[str, list[np.ndarray]]] = [{m: [] for m in INTERVAL_METRICS} for _ in bins]
         # a draw count is at most P (or N); int16 halves the traffic of the sparse sums where it fits
@@ -282,11 +297,11 @@ def replicates_of_groups(
 
 
 def _metrics_of_counts(bins: ScoreBins, per_column: np.ndarray) -> dict[str, np.ndarray]:
-    """Metrics from (rows, 2J + T) counts in the row order of `ScoreBins.indicator`."""
-    J = bins.n_columns
-    pos = per_column[:, :J]
-    ties = np.einsum("ij,ij->i", pos[:, bins.tie_columns], per_column[:, 2 * J :])
-    return metrics_from_counts(pos, per_column[:, J : 2 * J], ties, bins.n_members, bins.n_nonmembers)
+    """Metrics from (rows, 2J + 2T) counts in the row order of `ScoreBins.indicator`."""
+    J, T = bins.n_columns, bins.tie_columns.size
+    ties = np.einsum("ij,ij->i", per_column[:, 2 * J : 2 * J + T], per_column[:, 2 * J + T :])
+    pos, neg = per_column[:, :J], per_column[:, J : 2 * J]
+    return metrics_from_counts(pos, neg, ties, bins.n_members, bins.n_nonmembers)
 
 
 def bootstrap_replicates(
