@@ -134,6 +134,7 @@ def test_groups_sharing_draws_equal_groups_run_alone(monkeypatch):
         scores = np.round(rng.normal(0.5 * members, 1.0), 2)
         groups.append((scores[members], scores[~members]))
     monkeypatch.setattr(intervals, "_CHUNK_ELEMENTS", 5000)  # several chunks per (P, N)
+    monkeypatch.setattr(intervals, "_BATCH_EXAMPLES", 700)  # batches of 2 groups of 300 (or of 250)
     together = replicates_of_groups(groups, n_resamples=40, seed=3)
     for (m, n), replicates in zip(groups, together):
         alone = bootstrap_replicates(np.r_[m, n], np.r_[np.ones(m.size, bool), np.zeros(n.size, bool)], 40, 3)

@@ -48,8 +48,10 @@ _TPR_LEVELS: tuple[tuple[str, int, int], ...] = (
     ("tpr_at_fpr_1e3", 1, 1000),
     ("tpr_at_fpr_1e2", 1, 100),
 )
-# Elements per working array of one chunk of replicates: keeps each chunk in cache-sized memory (~16 MB).
+# Elements per working array of one chunk of replicates: keeps each in cache-sized memory (~4 MB as int32).
 _CHUNK_ELEMENTS = 1_000_000
+# Examples over the groups of one batch that share draws: bounds the sparse matrices held at once (~10 B each).
+_BATCH_EXAMPLES = 4_000_000
 
 
 def _split(scores: Any, is_member: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -258,50 +260,61 @@ def replicates_of_groups(
 
     The draws depend only on the seed, P and N, so groups of equal P and N (the models of one spec) share
     them: each chunk of replicates is drawn once, and one sparse product per group sums its draw counts
-    into the group's columns.
+    into the group's columns. Groups are taken in batches of at most `_BATCH_EXAMPLES` examples (each batch
+    draws the same sequence again), so memory stays bounded however many groups there are.
     """
     out: list[dict[str, np.ndarray]] = [{} for _ in groups]
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, (members, nonmembers) in enumerate(groups):
         if members.size and nonmembers.size and n_resamples > 0:
             by_size.setdefault((members.size, nonmembers.size), []).append(i)
-    for (P, N), members_of in by_size.items():
-        bins = [ScoreBins(*groups[i]) for i in members_of]
-        width = max(P + N, 4 * max(b.n_columns for b in bins))
-        chunk = max(1, min(n_resamples, _CHUNK_ELEMENTS // width))
-        parts: list[dict[str, list[np.ndarray]]] = [{m: [] for m in INTERVAL_METRICS} for _ in bins]
-        # a draw count is at most P (or N); int16 halves the traffic of the sparse sums where it fits
-        dtype = np.int16 if max(P, N) < 2**15 else np.int32
-        indicators = [b.indicator(dtype) for b in bins]
-        rng = np.random.default_rng(seed)
-        done = 0
-        while done < n_resamples:
-            rows = min(chunk, n_resamples - done)
-            members, nonmembers = _draw_block(rng, P, N, rows)
-            # how often each example is drawn, once for all the groups; example-major so that the sparse
-            # sums run along contiguous rows (a table look-up and a bincount per group and replicate costs
-            # more, even for one group)
-            drawn = np.empty((rows, P + N), dtype=dtype)
-            for i in range(rows):
-                drawn[i, :P] = np.bincount(members[i], minlength=P)
-                drawn[i, P:] = np.bincount(nonmembers[i], minlength=N)
-            drawn = np.ascontiguousarray(drawn.T)
-            counts = [(indicator @ drawn).T.astype(np.int32, order="C") for indicator in indicators]
-            for b, part, per_column in zip(bins, parts, counts):
-                for name, values in _metrics_of_counts(b, per_column).items():
-                    part[name].append(values)
-            done += rows
-        for i, part in zip(members_of, parts):
-            out[i] = {name: np.concatenate(v) for name, v in part.items()}
+    for (P, N), same_size in by_size.items():
+        per_batch = max(1, _BATCH_EXAMPLES // (P + N))
+        for start in range(0, len(same_size), per_batch):
+            batch = same_size[start : start + per_batch]
+            for i, replicates in zip(
+                batch, _replicates_sharing_draws([groups[i] for i in batch], n_resamples, seed)
+            ):
+                out[i] = replicates
     return out
 
 
-def _metrics_of_counts(bins: ScoreBins, per_column: np.ndarray) -> dict[str, np.ndarray]:
-    """Metrics from (rows, 2J + 2T) counts in the row order of `ScoreBins.indicator`."""
-    J, T = bins.n_columns, bins.tie_columns.size
-    ties = np.einsum("ij,ij->i", per_column[:, 2 * J : 2 * J + T], per_column[:, 2 * J + T :])
-    pos, neg = per_column[:, :J], per_column[:, J : 2 * J]
-    return metrics_from_counts(pos, neg, ties, bins.n_members, bins.n_nonmembers)
+def _replicates_sharing_draws(
+    groups: list[tuple[np.ndarray, np.ndarray]], n_resamples: int, seed: int
+) -> list[dict[str, np.ndarray]]:
+    P, N = groups[0][0].size, groups[0][1].size
+    # a draw count is at most P (or N); int16 halves the traffic of the sparse sums where it fits
+    dtype = np.int16 if max(P, N) < 2**15 else np.int32
+    shapes, indicators = [], []
+    for members, nonmembers in groups:
+        bins = ScoreBins(members, nonmembers)
+        shapes.append((bins.n_columns, bins.tie_columns.size))
+        indicators.append(bins.indicator(dtype))
+    width = max(P + N, max(2 * J + 2 * T for J, T in shapes))
+    chunk = max(1, min(n_resamples, _CHUNK_ELEMENTS // width))
+    parts: list[dict[str, list[np.ndarray]]] = [{m: [] for m in INTERVAL_METRICS} for _ in groups]
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < n_resamples:
+        rows = min(chunk, n_resamples - done)
+        members, nonmembers = _draw_block(rng, P, N, rows)
+        # how often each example is drawn, once for all the groups; example-major so that the sparse sums
+        # run along contiguous rows (a table look-up and a bincount per group and replicate costs more,
+        # even for one group)
+        drawn = np.empty((rows, P + N), dtype=dtype)
+        for i in range(rows):
+            drawn[i, :P] = np.bincount(members[i], minlength=P)
+            drawn[i, P:] = np.bincount(nonmembers[i], minlength=N)
+        drawn = np.ascontiguousarray(drawn.T)
+        for (J, T), indicator, part in zip(shapes, indicators, parts):
+            # (rows, 2J + 2T), in the row order of `ScoreBins.indicator`
+            per_column = (indicator @ drawn).T.astype(np.int32, order="C")
+            ties = np.einsum("ij,ij->i", per_column[:, 2 * J : 2 * J + T], per_column[:, 2 * J + T :])
+            values = metrics_from_counts(per_column[:, :J], per_column[:, J : 2 * J], ties, P, N)
+            for name, v in values.items():
+                part[name].append(v)
+        done += rows
+    return [{name: np.concatenate(v) for name, v in part.items()} for part in parts]
 
 
 def bootstrap_replicates(
