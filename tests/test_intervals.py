@@ -157,6 +157,17 @@ def test_groups_sharing_draws_equal_groups_run_alone(monkeypatch):
         assert {c: row[c] for c in INTERVAL_COLUMNS} == expected
 
 
+def test_large_groups_keep_exact_integer_arithmetic():
+    # P = N = 50,000: P * N needs int64 and a draw count may exceed int16, so the wide types are used
+    rng = np.random.default_rng(12)
+    members = rng.permutation(np.arange(100_000) < 50_000)
+    # members mostly below (AUC ~0.02): the pairs with the non-member above, ~2.4e9, overflow int32
+    scores = np.round(rng.normal(-3.0 * members, 1.0), 2)  # ~1,000 distinct values: heavy ties
+    _assert_same_replicates(
+        bootstrap_replicates(scores, members, 3, seed=1), reference_replicates(scores, members, 3, seed=1)
+    )
+
+
 def test_chunking_does_not_change_the_replicates(monkeypatch):
     from robmia_db.attacks import intervals
 

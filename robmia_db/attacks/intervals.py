@@ -309,7 +309,8 @@ def _replicates_sharing_draws(
         for (J, T), indicator, part in zip(shapes, indicators, parts):
             # (rows, 2J + 2T), in the row order of `ScoreBins.indicator`
             per_column = (indicator @ drawn).T.astype(np.int32, order="C")
-            ties = np.einsum("ij,ij->i", per_column[:, 2 * J : 2 * J + T], per_column[:, 2 * J + T :])
+            tie_members, tie_nonmembers = per_column[:, 2 * J + T :], per_column[:, 2 * J : 2 * J + T]
+            ties = np.einsum("ij,ij->i", tie_members, tie_nonmembers, dtype=np.int64)  # up to P * N
             values = metrics_from_counts(per_column[:, :J], per_column[:, J : 2 * J], ties, P, N)
             for name, v in values.items():
                 part[name].append(v)
