@@ -123,8 +123,9 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=float, nargs="*", default=[1e7], help="fleet sizes (signal rows)")
     parser.add_argument("--single-rows", type=float, nargs="*", default=[1e7], help="one-file imports")
+    parser.add_argument("--baseline-rows", type=float, nargs="*", default=[2e6], help="fleet sizes, baseline")
     parser.add_argument(
-        "--baseline-rows", type=float, nargs="*", default=[1e7], help="sizes the baseline runs"
+        "--baseline-single-rows", type=float, nargs="*", default=[1e7], help="one file, baseline"
     )
     parser.add_argument("--rows-per-model", type=float, default=1e6, help="fleet: signal rows per model")
     parser.add_argument("--resamples", type=int, default=20, help="bootstrap replicates per metric")
@@ -138,17 +139,17 @@ def main() -> None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as tmp:
         folder = Path(tmp)
-        baseline = baseline_tree(args.baseline_ref, folder) if args.baseline_rows else None
-        cases = [("single", r) for r in args.single_rows] + [("fleet", r) for r in args.rows]
-        cases += [("fleet", r) for r in args.baseline_rows if r not in args.rows]
-        for case, rows in sorted(set(cases), key=lambda c: (c[0] != "single", c[1])):
-            rows = int(rows)
+        wanted_before = {("single", int(r)) for r in args.baseline_single_rows}
+        wanted_before |= {("fleet", int(r)) for r in args.baseline_rows}
+        wanted_after = {("single", int(r)) for r in args.single_rows} | {("fleet", int(r)) for r in args.rows}
+        baseline = baseline_tree(args.baseline_ref, folder) if wanted_before else None
+        for case, rows in sorted(wanted_before | wanted_after, key=lambda c: (c[0] != "single", c[1])):
             models = 1 if case == "single" else max(1, round(rows / args.rows_per_model))
             entry: dict = {"case": case, "rows": rows, "models": models}
             sides = []
-            if case == "single" or rows in map(int, args.rows):
+            if (case, rows) in wanted_after:
                 sides.append(("after", REPO))
-            if baseline is not None and rows in map(int, args.baseline_rows):
+            if (case, rows) in wanted_before:
                 sides.append(("before", baseline))
             for side, source in sides:
                 entry[side] = run_case(source, case, side, rows, models, args, folder)

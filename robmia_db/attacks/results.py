@@ -43,8 +43,8 @@ class ScoreStage:
 
     Memory then holds one part's scores, not the run's; `write_results` inserts the file in its one
     transaction (a single streamed INSERT, which DuckDB writes to the store as it goes). The file is a
-    scratch copy: it is removed when the run ends, and `gc` removes one a killed run left
-    (`.<store>.score-tmp<PID>/`).
+    scratch copy: it is removed when the run ends, and the next run removes one a killed run left
+    (`.<store>.score-tmp<PID>-*/`).
     """
 
     def __init__(self, db_path: str | Path):
@@ -57,11 +57,16 @@ class ScoreStage:
     def __enter__(self) -> ScoreStage:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+    def __exit__(self, exc_type, *rest) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:  # on a full disk the run's own error is the one to report
+                raise
+        finally:
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None
 
     def _remove_stale(self, parent: Path) -> None:
         """Scratch folders of score runs that died (kill -9) are removed by the next one."""
@@ -71,6 +76,7 @@ class ScoreStage:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def add(self, table: pa.Table) -> None:
+        table = table.replace_schema_metadata(None)  # parts must share one schema (a DataFrame adds its own)
         if self._writer is None:
             parent = self.real.parent
             self._remove_stale(parent)
