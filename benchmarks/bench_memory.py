@@ -1,69 +1,83 @@
-"""Benchmark (script, not a test): peak memory and rows/s of `robmia-db import` on large output files.
+"""Benchmark (script, not a test): peak memory and rows/s of `import` and `score` on large stores.
 
-Each import runs in a fresh interpreter (`import_outputs` into a new store) whose peak RSS is read from
-`resource.getrusage`. "before" is the importer of a baseline git ref (default: main before streaming), run
-from a `git archive` of it in the same run on the same files; "after" is this tree's streaming importer.
-A file has N examples and two perturbations (`probs__benign`, `logits__pgd`, 10 classes): 2N signal rows.
-The baseline grows with the file (the issue measured 6.1 GB at 1e7 rows), so it runs only at the sizes
-given by --baseline-rows; peak memory at 1e8 rows is extrapolated from a straight-line fit of the measured
-sizes (what each import holds is per-chunk plus per-example arrays, so the fit is honest only as a line).
-Imports numpy only in this process; the imports themselves use our attacks and store layers (no torch).
+Two cases, each phase in a fresh interpreter whose peak RSS is read from `resource.getrusage`:
+- "single": ONE npz of R signal rows (R/2 examples x two perturbations, `probs__benign` and `logits__pgd`,
+  10 classes) imported by `import_outputs` (the issue measured 6.1 GB at 1e7 rows before streaming);
+- "fleet": M imported models of R/M rows each (M files, imported one after another into one store by one
+  process), then `score_attacks` of `confidence` and `loss` on all of them (one process), with
+  --resamples bootstrap replicates per metric. The files are generated inside the import process, one at a
+  time beside the store, and only the `import_outputs` calls are timed.
+"before" is the code of a baseline git ref (default: main), run from a `git archive` of it in the same run on
+the same data (same seeds); "after" is this tree. The baseline runs only at --baseline-rows (its memory
+grows with the rows). rows/s counts signal rows (import) or scored rows: rows x attacks (score).
+Imports numpy only in this process; the phases use our attacks and store layers (no torch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_memory.json"
 CLASSES = 10
+ATTACKS = ("confidence", "loss")
 
-RUNNER = """
+WORKER = """
 import json, resource, sys, time
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from robmia_db.attacks.importers import import_outputs
-start = time.perf_counter()
-import_outputs(sys.argv[2], sys.argv[3], "npz", name="bench")
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+import numpy as np
+mode, db, arg = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 
-
-def write_outputs(path: Path, n: int, seed: int = 0) -> None:
-    """An npz of n examples: labels, membership, 10-class probabilities and logits (2n signal rows)."""
+def write_outputs(path, n, seed):
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, n).astype(np.int64)
-    logits = rng.normal(0.0, 1.0, (n, CLASSES)).astype(np.float32)
+    labels = rng.integers(0, 10, n).astype(np.int64)
+    logits = rng.normal(0.0, 1.0, (n, 10)).astype(np.float32)
     logits[np.arange(n), labels] += 3.0
     shifted = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(shifted)
     probs /= probs.sum(axis=1, keepdims=True)
-    np.savez(
-        path, labels=labels, is_member=rng.random(n) < 0.5, probs__benign=probs, logits__pgd=logits - 1.0
-    )
+    np.savez(path, labels=labels, is_member=rng.random(n) < 0.5, probs__benign=probs, logits__pgd=logits - 1.0)
+
+seconds = 0.0
+if mode == "import":
+    from robmia_db.attacks.importers import import_outputs
+    for i in range(arg["models"]):
+        npz = Path(db).with_name(f"outputs-{i}.npz")
+        write_outputs(npz, arg["examples"], seed=i)
+        start = time.perf_counter()
+        import_outputs(db, npz, "npz", name=f"m{i:04d}")
+        seconds += time.perf_counter() - start
+        npz.unlink()
+else:
+    from robmia_db.attacks.scoring import score_attacks
+    start = time.perf_counter()
+    outcomes = score_attacks(db, list(arg["attacks"]), resamples=arg["resamples"])
+    seconds = time.perf_counter() - start
+    assert all(o.scored == 2 * arg["models"] for o in outcomes), [o.scored for o in outcomes]
+print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
 
-def measure(source: Path, npz: Path, folder: Path) -> dict[str, float]:
-    db = folder / f"store-{time.monotonic_ns()}.duckdb"
+def phase(source: Path, mode: str, db: Path, arg: dict) -> dict[str, float]:
     done = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(source), str(db), str(npz)],
+        ["nice", sys.executable, "-c", WORKER, str(source), mode, str(db), json.dumps(arg)],
         capture_output=True,
         text=True,
-        timeout=3600,
+        timeout=4 * 3600,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     if done.returncode != 0:
-        raise SystemExit(f"import failed ({source}):\n{done.stderr[-2000:]}")
-    for leftover in folder.glob(db.name + "*"):
-        leftover.unlink()
+        raise SystemExit(f"{mode} failed ({source}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -77,69 +91,92 @@ def baseline_tree(ref: str, folder: Path) -> Path:
     return target
 
 
+def show(case: str, rows: int, models: int, side: str, name: str, got: dict) -> None:
+    print(
+        f"{case:6} {rows:>12,} rows {models:>4} model(s)  {side:6} {name:6}  peak RSS "
+        f"{got['peak_rss_mb']:7.0f} MB  {got['rows_per_s']:>10,.0f} rows/s  ({got['seconds']:.0f} s)",
+        flush=True,
+    )
+
+
+def run_case(source: Path, case: str, side: str, rows: int, models: int, args, folder: Path) -> dict:
+    store = folder / f"{case}-{rows}-{time.monotonic_ns()}"
+    store.mkdir()
+    db = store / "s.duckdb"
+    examples = rows // (2 * models)
+    out = {"import": phase(source, "import", db, {"models": models, "examples": examples})}
+    out["import"]["rows_per_s"] = 2 * examples * models / out["import"]["seconds"]
+    show(case, rows, models, side, "import", out["import"])
+    if case == "fleet":
+        arg = {"models": models, "attacks": list(args.attacks), "resamples": args.resamples}
+        out["score"] = phase(source, "score", db, arg)
+        out["score"]["rows_per_s"] = 2 * examples * models * len(args.attacks) / out["score"]["seconds"]
+        show(case, rows, models, side, "score", out["score"])
+    out["store_mb"] = sum(f.stat().st_size for f in store.iterdir() if f.is_file()) / 2**20
+    shutil.rmtree(store)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=float, nargs="+", default=[1e6, 1e7], help="signal rows per import")
+    parser.add_argument("--rows", type=float, nargs="*", default=[1e7], help="fleet sizes (signal rows)")
+    parser.add_argument("--single-rows", type=float, nargs="*", default=[1e7], help="one-file imports")
+    parser.add_argument("--baseline-rows", type=float, nargs="*", default=[2e6], help="fleet sizes, baseline")
     parser.add_argument(
-        "--baseline-rows", type=float, nargs="*", default=[1e6], help="sizes the baseline runs at"
+        "--baseline-single-rows", type=float, nargs="*", default=[1e7], help="one file, baseline"
     )
-    parser.add_argument("--baseline-ref", default="main", help="git ref of the non-streaming importer")
+    parser.add_argument("--rows-per-model", type=float, default=1e6, help="fleet: signal rows per model")
+    parser.add_argument("--resamples", type=int, default=20, help="bootstrap replicates per metric")
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--baseline-ref", default="main", help="git ref of the code before")
+    parser.add_argument("--workdir", type=Path, default=None, help="folder for the stores (large)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as tmp:
         folder = Path(tmp)
-        baseline = baseline_tree(args.baseline_ref, folder) if args.baseline_rows else None
-        for rows in sorted(set(args.rows) | set(args.baseline_rows)):
-            n = int(rows) // 2
-            npz = folder / f"outputs-{n}.npz"
-            write_outputs(npz, n)
-            entry = {"rows": 2 * n, "file_mb": npz.stat().st_size / 2**20}
-            if rows in args.rows:
-                entry["after"] = measure(REPO, npz, folder)
-            if baseline is not None and rows in args.baseline_rows:
-                entry["before"] = measure(baseline, npz, folder)
-            npz.unlink()
-            for side in ("before", "after"):
-                if side in entry:
-                    entry[side]["rows_per_s"] = entry["rows"] / entry[side]["seconds"]
+        wanted_before = {("single", int(r)) for r in args.baseline_single_rows}
+        wanted_before |= {("fleet", int(r)) for r in args.baseline_rows}
+        wanted_after = {("single", int(r)) for r in args.single_rows} | {("fleet", int(r)) for r in args.rows}
+        baseline = baseline_tree(args.baseline_ref, folder) if wanted_before else None
+        for case, rows in sorted(wanted_before | wanted_after, key=lambda c: (c[0] != "single", c[1])):
+            models = 1 if case == "single" else max(1, round(rows / args.rows_per_model))
+            entry: dict = {"case": case, "rows": rows, "models": models}
+            sides = []
+            if (case, rows) in wanted_after:
+                sides.append(("after", REPO))
+            if (case, rows) in wanted_before:
+                sides.append(("before", baseline))
+            for side, source in sides:
+                entry[side] = run_case(source, case, side, rows, models, args, folder)
+            if "before" in entry and "after" in entry:
+                entry["ratios_after_over_before"] = {
+                    name: {
+                        "peak_rss": entry["after"][name]["peak_rss_mb"]
+                        / entry["before"][name]["peak_rss_mb"],
+                        "rows_per_s": entry["after"][name]["rows_per_s"]
+                        / entry["before"][name]["rows_per_s"],
+                    }
+                    for name in ("import", "score")
+                    if name in entry["after"]
+                }
+                for name, ratio in entry["ratios_after_over_before"].items():
                     print(
-                        f"{entry['rows']:>12,} rows  {side:6}  peak RSS {entry[side]['peak_rss_mb']:8.0f} MB  "
-                        f"{entry[side]['rows_per_s']:>12,.0f} rows/s",
+                        f"{'':>42} ratio after/before {name:6}: peak memory {ratio['peak_rss']:.2f}x, "
+                        f"rows/s {ratio['rows_per_s']:.2f}x",
                         flush=True,
                     )
-            if "before" in entry and "after" in entry:
-                entry["peak_ratio_after_over_before"] = (
-                    entry["after"]["peak_rss_mb"] / entry["before"]["peak_rss_mb"]
-                )
-                entry["speed_ratio_after_over_before"] = (
-                    entry["after"]["rows_per_s"] / entry["before"]["rows_per_s"]
-                )
-                print(
-                    f"{'':12}       ratio after/before: peak memory {entry['peak_ratio_after_over_before']:.2f}x, "
-                    f"rows/s {entry['speed_ratio_after_over_before']:.2f}x"
-                )
             results.append(entry)
-    fits = {}
-    for side in ("before", "after"):
-        points = [(e["rows"], e[side]["peak_rss_mb"]) for e in results if side in e]
-        if len(points) >= 2:
-            slope, intercept = np.polyfit(*zip(*points), 1)
-            fits[side] = {
-                "mb_per_million_rows": slope * 1e6,
-                "fixed_mb": intercept,
-                "at_1e8_rows_mb": intercept + slope * 1e8,
-            }
-            print(
-                f"{side}: straight-line fit -> {fits[side]['at_1e8_rows_mb']:.0f} MB at 1e8 rows (extrapolated)"
-            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {"benchmark": "bench_memory", "python": platform.python_version(), "baseline_ref": args.baseline_ref,
-             "classes": CLASSES, "results": results, "fits": fits},
+             "classes": CLASSES, "attacks": list(args.attacks), "resamples": args.resamples,
+             "rows_per_model": args.rows_per_model, "cpus": os.cpu_count(), "results": results},
             indent=2,
         )
         + "\n"

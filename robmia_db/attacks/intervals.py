@@ -441,11 +441,20 @@ def write_intervals(con, attack_name: str, attack_key: str, n_resamples: int = D
     )
     if n_resamples <= 0:
         return
-    rows = con.sql(
-        """SELECT s.model_key, s.perturbation, s.example_id, s.score, b.is_member FROM _new_scores s
-           JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id"""
-    ).to_arrow_table()
-    intervals = grouped_intervals(rows, ["model_key", "perturbation"], n_resamples, DEFAULT_SEED)
+    # one (model, perturbation) at a time: memory holds one model's scores, not the run's
+    groups = con.execute("SELECT model_key, perturbation FROM _done ORDER BY ALL").fetchall()
+    parts = []
+    for model_key, perturbation in groups:
+        rows = con.sql(
+            """SELECT s.model_key, s.perturbation, s.example_id, s.score, b.is_member FROM _new_scores s
+               JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
+               WHERE s.model_key = $model AND s.perturbation = $perturbation AND b.model_key = $model""",
+            params={"model": model_key, "perturbation": perturbation},
+        ).to_arrow_table()
+        parts.append(grouped_intervals(rows, ["model_key", "perturbation"], n_resamples, DEFAULT_SEED))
+    if not parts:
+        return
+    intervals = pa.concat_tables(parts)
     con.register("_new_intervals", intervals)
     columns = ", ".join(f"i.{c}" for c in INTERVAL_COLUMNS)
     con.execute(

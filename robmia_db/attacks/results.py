@@ -6,6 +6,9 @@ leaves either everything or nothing (a rerun then finds nothing cached and redoe
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from robmia_db.attacks.definition import AttackDefinition
 from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
@@ -21,6 +25,10 @@ from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.store.connection import transaction, writing
 from robmia_db.testhooks import fail_point, kill_point
 
+# crash point while the scores are staged, before the store is opened for writing (robmia_db.testhooks)
+STAGING_SCORES = "score-staging"
+# memory DuckDB may use for the one write transaction (metrics, joins); larger intermediates spill to disk
+WRITE_MEMORY_LIMIT = "1GB"
 # crash point between the metrics and the calibration, inside the transaction (robmia_db.testhooks)
 BEFORE_CALIBRATION = "score-before-calibration"
 REFERENCE_ATTACK_NOTE = (
@@ -28,6 +36,80 @@ REFERENCE_ATTACK_NOTE = (
     "with this model among their references (nested leave-one-out is not run); see decision_accuracy"
 )
 NO_REFERENCE_NOTE = "no reference models with this attack's scores on this perturbation"
+
+
+class ScoreStage:
+    """One attack run's scores, appended part by part to a Parquet file beside the store.
+
+    Memory then holds one part's scores, not the run's; `write_results` inserts the file in its one
+    transaction (a single streamed INSERT, which DuckDB writes to the store as it goes). The file is a
+    scratch copy: it is removed when the run ends, and the next run removes one a killed run left
+    (`.<store>.score-tmp<PID>-*/`).
+    """
+
+    def __init__(self, db_path: str | Path):
+        self.real = Path(db_path).resolve()
+        self.folder: Path | None = None
+        self.path: Path | None = None
+        self.num_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> ScoreStage:
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:  # on a full disk the run's own error is the one to report
+                raise
+        finally:
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None
+
+    def _remove_stale(self, parent: Path) -> None:
+        """Scratch folders of score runs that died (kill -9) are removed by the next one."""
+        for folder in parent.glob(f".{self.real.name}.score-tmp*-*"):
+            pid = folder.name.rsplit(".score-tmp", 1)[1].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def add(self, table: pa.Table) -> None:
+        table = table.replace_schema_metadata(None)  # parts must share one schema (a DataFrame adds its own)
+        if self._writer is None:
+            parent = self.real.parent
+            self._remove_stale(parent)
+            self.folder = Path(
+                tempfile.mkdtemp(prefix=f".{self.real.name}.score-tmp{os.getpid()}-", dir=parent)
+            )
+            self.path = self.folder / "scores.parquet"
+            self._writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        fail_point(STAGING_SCORES)
+        kill_point(STAGING_SCORES)
+        self._writer.write_table(table, row_group_size=1 << 20)
+        self.num_rows += table.num_rows
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def relation(self) -> str:
+        """SQL that reads the staged scores (model_key, example_id, score, perturbation)."""
+        self.close()
+        return "read_parquet('{}')".format(str(self.path).replace("'", "''"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 _DECISION_SQL = """
 SELECT {groups},
@@ -68,7 +150,7 @@ def write_results(
     attack: AttackDefinition,
     units: list[ScoreUnit],
     inputs_keys: dict[tuple[str, str], str],
-    scores: list[pa.Table],
+    scores: ScoreStage,
     nonfinite: dict[tuple[str, str], int],
     skipped: list[tuple[str, str | None, str]],
     model_keys_by_name: dict[str, str],
@@ -90,8 +172,7 @@ def write_results(
             ),
         }
     )
-    all_scores = pa.concat_tables(scores) if scores else None
-    with writing(db_path) as con, transaction(con):
+    with writing(db_path, memory_limit=WRITE_MEMORY_LIMIT) as con, transaction(con):
         con.execute(
             """INSERT INTO attacks (attack_key, name, title, paper, description, language, source_path, source,
                                     params, needs, created_at, base_name, origin, decision_threshold, nonfinite)
@@ -118,8 +199,9 @@ def write_results(
                 AND model_key IN (SELECT model_key FROM _considered)""",
             [attack.name],
         )
-        if all_scores is not None and all_scores.num_rows:
-            _insert_scores_and_metrics(con, attack, all_scores, len(units), seconds, now)
+        if scores.num_rows:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW _new_scores AS SELECT * FROM {scores.relation()}")
+            _insert_scores_and_metrics(con, attack, len(units), seconds, now)
             # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
             write_intervals(con, attack.name, attack_key, resamples)
             fail_point(BEFORE_CALIBRATION)
@@ -136,12 +218,10 @@ def write_results(
 def _insert_scores_and_metrics(
     con: duckdb.DuckDBPyConnection,
     attack: AttackDefinition,
-    scores: pa.Table,
     n_units: int,
     seconds: float,
     now,
 ) -> None:
-    con.register("_new_scores", scores)
     con.execute(
         "INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM _new_scores",
         [attack.attack_key],
@@ -181,38 +261,43 @@ def _calibrate(
             [REFERENCE_ATTACK_NOTE, attack_key],
         )
         return
-    frame = con.sql(
-        """SELECT s.model_key, s.perturbation, s.score, b.is_member FROM scores s
-           JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
-           WHERE s.attack_key = $key""",
-        params={"key": attack_key},
-    ).to_df()
-    groups = {key: group for key, group in frame.groupby(["model_key", "perturbation"], sort=False)}
     updates: dict[str, list[Any]] = {
         k: [] for k in ("model_key", "perturbation", "accuracy", "threshold", "n", "note")
     }
-    for (model_key, perturbation), group in groups.items():
-        refs = [
-            groups[(r, perturbation)] for r in references.get(model_key, []) if (r, perturbation) in groups
-        ]
-        accuracy = threshold = None
-        note = NO_REFERENCE_NOTE
-        if refs:
-            pooled_scores = np.concatenate([r["score"].to_numpy(dtype=float) for r in refs])
-            pooled_members = np.concatenate([r["is_member"].to_numpy(dtype=bool) for r in refs])
-            found = reference_metrics(pooled_scores, pooled_members)["threshold"]
-            if found is None:
-                note = "no threshold beats chance on the reference models"
-            else:
-                threshold = float(found)
-                accuracy = calibrated_balanced_accuracy(
-                    threshold, group["score"].to_numpy(dtype=float), group["is_member"].to_numpy(dtype=bool)
-                )
-                note = None
-        for column, value in zip(
-            updates, (model_key, perturbation, accuracy, threshold, len(refs) if refs else None, note)
-        ):
-            updates[column].append(value)
+    scored = con.execute(
+        "SELECT perturbation, list(model_key ORDER BY model_key) FROM metrics WHERE attack_key = ? GROUP BY ALL "
+        "ORDER BY ALL",
+        [attack_key],
+    ).fetchall()
+    for perturbation, model_keys in scored:
+        # one perturbation at a time, and only the scores a calibration reads: the targets that have
+        # reference models scored here, and those references (memory: one perturbation's fleets)
+        present = set(model_keys)
+        refs_of = {m: [r for r in references.get(m, []) if r in present] for m in model_keys}
+        needed = sorted(
+            {m for m, refs in refs_of.items() if refs} | {r for refs in refs_of.values() for r in refs}
+        )
+        groups = _scores_by_model(con, attack_key, perturbation, needed) if needed else {}
+        for model_key in model_keys:
+            refs = [groups[r] for r in refs_of[model_key] if r in groups]
+            accuracy = threshold = None
+            note = NO_REFERENCE_NOTE
+            if refs:
+                pooled_scores = np.concatenate([r[0] for r in refs])
+                pooled_members = np.concatenate([r[1] for r in refs])
+                found = reference_metrics(pooled_scores, pooled_members)["threshold"]
+                if found is None:
+                    note = "no threshold beats chance on the reference models"
+                else:
+                    threshold = float(found)
+                    accuracy = calibrated_balanced_accuracy(
+                        threshold, *groups[model_key]
+                    )  # a target with refs is in needed
+                    note = None
+            for column, value in zip(
+                updates, (model_key, perturbation, accuracy, threshold, len(refs) if refs else None, note)
+            ):
+                updates[column].append(value)
     if not updates["model_key"]:
         return
     table = pa.table(
@@ -233,6 +318,26 @@ def _calibrate(
            WHERE metrics.attack_key = ? AND metrics.model_key = c.model_key AND metrics.perturbation = c.perturbation""",
         [attack_key],
     )
+
+
+def _scores_by_model(
+    con: duckdb.DuckDBPyConnection, attack_key: str, perturbation: str, model_keys: list[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """model_key -> (scores, is_member) of one attack and perturbation, for the given models."""
+    table = con.sql(
+        """SELECT s.model_key, s.score, b.is_member FROM scores s
+           JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
+           WHERE s.attack_key = $key AND s.perturbation = $perturbation
+             AND s.model_key IN (SELECT unnest($models)) AND b.model_key IN (SELECT unnest($models))
+           ORDER BY s.model_key""",
+        params={"key": attack_key, "perturbation": perturbation, "models": model_keys},
+    ).to_arrow_table()
+    keys = table.column("model_key").to_numpy(zero_copy_only=False)
+    scores = table.column("score").to_numpy(zero_copy_only=False).astype(float)
+    members = table.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.array([], int)
+    ends = np.r_[starts[1:], len(keys)]
+    return {str(keys[a]): (scores[a:b], members[a:b]) for a, b in zip(starts.tolist(), ends.tolist())}
 
 
 def _fleet_metrics(

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import duckdb
-import pyarrow as pa
 
 from robmia_db.attacks.definition import AttackDefinition, parse_attack
 from robmia_db.attacks.intervals import DEFAULT_RESAMPLES
@@ -32,7 +32,7 @@ from robmia_db.attacks.planning import (
     signal_keys_of,
 )
 from robmia_db.attacks.registry import AttackRegistry, load_registry
-from robmia_db.attacks.results import write_results
+from robmia_db.attacks.results import ScoreStage, write_results
 from robmia_db.attacks.sandbox import (
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_TIMEOUT_S,
@@ -159,6 +159,35 @@ def _model_filter(state: StoreState, models: list[str] | None, db_path: Path) ->
     return chosen
 
 
+# target rows one sandbox scores at most (several small models share one; a larger model is scored alone):
+# what is held at once is one part's relations and its scores, whatever the size of the store
+ROWS_PER_PART = 2_000_000
+
+
+def _parts(
+    attack: AttackDefinition, units: list[ScoreUnit], n_rows: dict[str, int]
+) -> Iterator[list[ScoreUnit]]:
+    """Units of one input group, in parts of at most ROWS_PER_PART target rows (one model at least).
+
+    Reference attacks keep their group whole: each target's sandbox reads its fleet, which `read_relations`
+    reads once per group (splitting the group would read the fleet again per part).
+    """
+    if attack.needs_reference:
+        yield units
+        return
+    part: list[ScoreUnit] = []
+    size = 0
+    for unit in units:
+        rows = n_rows.get(unit.signal_keys[0]) or 0
+        if part and size + rows > ROWS_PER_PART:
+            yield part
+            part, size = [], 0
+        part.append(unit)
+        size += rows
+    if part:
+        yield part
+
+
 def score_attacks(
     db_path: str | Path,
     attacks: list[str | Path] | None = None,
@@ -199,6 +228,7 @@ def score_attacks(
                 if attack.origin != "builtin":
                     _check_stored_clash(con, attack)
         state = read_state(con)
+        n_rows = dict(con.execute("SELECT signal_key, n_rows FROM perturbations").fetchall())
         recorded_skips = {
             (r[0], r[1], r[2], r[3])
             for r in con.execute(
@@ -230,31 +260,33 @@ def score_attacks(
             else:
                 todo.append(unit)
         reporter.attack_started(attack, len(todo))
-        results: list[pa.Table] = []
         nonfinite: dict[tuple[str, str], int] = {}
-        if todo:
-            by_inputs: dict[tuple, list[ScoreUnit]] = {}
-            for unit in todo:
-                by_inputs.setdefault(tuple(sorted(unit.inputs.items())), []).append(unit)
-            for group in by_inputs.values():
-                with reading(db_path) as con:
-                    relations = read_relations(con, attack, group)
-                for batch, batch_relations in batches(attack, group, relations):
-                    sandbox = open_sandbox(batch_relations, memory_limit)
-                    try:
-                        table, counts = run_batch(sandbox, attack, batch, key_names, timeout_s)
-                    finally:
-                        close_sandbox(sandbox)
-                    results.append(table)
-                    nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
-        new_skips = {(attack_key, names[m], p, r) for m, p, r in skipped} - recorded_skips
-        if todo or new_skips:
-            write_results(
-                db_path, attack, todo, inputs_keys, results, nonfinite, skipped, names,
-                time.perf_counter() - started,
-                set(model_filter) if model_filter is not None else set(state.models),
-                references, recipes, resamples,
-            )  # fmt: skip
+        with ScoreStage(db_path) as stage:
+            if todo:
+                by_inputs: dict[tuple, list[ScoreUnit]] = {}
+                for unit in todo:
+                    by_inputs.setdefault(tuple(sorted(unit.inputs.items())), []).append(unit)
+                for group in by_inputs.values():
+                    for part in _parts(attack, group, n_rows):
+                        with reading(db_path) as con:
+                            relations = read_relations(con, attack, part)
+                        for batch, batch_relations in batches(attack, part, relations):
+                            sandbox = open_sandbox(batch_relations, memory_limit)
+                            try:
+                                table, counts = run_batch(sandbox, attack, batch, key_names, timeout_s)
+                            finally:
+                                close_sandbox(sandbox)
+                            stage.add(table)
+                            nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
+                        del relations
+            new_skips = {(attack_key, names[m], p, r) for m, p, r in skipped} - recorded_skips
+            if todo or new_skips:
+                write_results(
+                    db_path, attack, todo, inputs_keys, stage, nonfinite, skipped, names,
+                    time.perf_counter() - started,
+                    set(model_filter) if model_filter is not None else set(state.models),
+                    references, recipes, resamples,
+                )  # fmt: skip
         outcome.scored = len(todo)
         outcome.seconds = time.perf_counter() - started
         reporter.attack_finished(outcome)
