@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robmia_db.runner.bounds_backward import (
+    backward_rows,
+    cache_chunk,
+    flat_relaxation,
+    internal_weight,
+    to_internal,
+)
 from robmia_db.runner.bounds_core import (
-    _affine_transpose,
-    _bias_contribution,
-    _concretize,
     _interval_step,
     _is_affine,
     _margin_spec,
@@ -59,17 +63,18 @@ def _relu_relaxation(lower: Tensor, upper: Tensor, lower_rule: str) -> _Relaxati
 
     "adaptive" (CROWN): slope 1 when u > -l, else 0. "same" (Fast-Lin, Wong & Kolter's dual): slope u/(u-l).
     """
-    # Standard layout: the interval pass runs channels-last, but the specs these slopes multiply do not, and
-    # mixed-layout elementwise products are several times slower.
-    lower, upper = lower.contiguous(), upper.contiguous()
-    active = (lower >= 0).to(lower.dtype)
-    unstable = (lower < 0) & (upper > 0)
-    # The masked denominator keeps gradients finite where the ratio is not used.
-    gap = torch.where(unstable, upper - lower, torch.ones_like(upper))
-    upper_slope = torch.where(unstable, upper / gap, active)
-    upper_intercept = torch.where(unstable, -upper_slope * lower, torch.zeros_like(upper))
+    # Clamps and one ratio instead of masks and selects (about 3x faster on CPU), equal to the masked form
+    # u/(u-l) on unstable neurons and (l >= 0) elsewhere, also when estimated bounds cross (l > u): the
+    # numerator is 0 for inactive neurons and equals the denominator for active ones; the one 0/0 case
+    # (l = 0 >= u) is filled with 1/1, which also keeps gradients finite and zero there.
+    positive = torch.maximum(upper, lower).clamp(min=0)
+    negative = lower.clamp(max=0).neg()
+    denominator = positive + negative
+    degenerate = denominator == 0
+    upper_slope = positive.masked_fill(degenerate, 1.0) / denominator.masked_fill_(degenerate, 1.0)
+    upper_intercept = upper_slope * negative
     if lower_rule == "adaptive":
-        lower_slope = torch.where(unstable, (upper > -lower).to(lower.dtype), active)
+        lower_slope = ((upper + lower > 0) | (lower >= 0)).to(lower.dtype)
         return _Relaxation(lower_slope, upper_slope, upper_intercept, same_slopes=False)
     return _Relaxation(upper_slope, upper_slope, upper_intercept, same_slopes=True)
 
@@ -82,71 +87,38 @@ def _backward_lower(
     relaxations: dict[int, _Relaxation],
     box_lower: Tensor,
     box_upper: Tensor,
+    internal: bool = False,
 ) -> Tensor:
     """Lower bounds (N, S) of <spec, h_start> + bias over the input box, by one CROWN backward pass.
 
-    Splits the batch so that no linear-spec tensor exceeds the memory budget.
+    `spec` is (N, S, *shape of h_start), or (N, S, F) in the internal order of bounds_backward when
+    `internal`. The batch is split so that no spec tensor exceeds the memory budget, and into smaller
+    chunks still for speed (see bounds_backward).
     """
     n, s = spec.shape[:2]
+    if not internal:
+        spec = to_internal(spec, net, start, lead=2)
+    flat = {i: flat_relaxation(r, net, i) for i, r in relaxations.items() if i < start}
+    center = to_internal((box_upper + box_lower) / 2, net, 0).unsqueeze(1)
+    radius = to_internal((box_upper - box_lower) / 2, net, 0).unsqueeze(1)
     widest = max(net.size(i) for i in range(start + 1))
-    chunk = max(1, memory_budget() // max(1, s * widest))
+    chunk = cache_chunk(n, s * widest, memory_budget())
     if chunk >= n:
-        return _backward_lower_rows(net, spec, bias, start, relaxations, box_lower, box_upper)
+        return backward_rows(net, spec, bias, start, flat, (center, radius))
     parts = []
     for first in range(0, n, chunk):
         rows = slice(first, first + chunk)
         parts.append(
-            _backward_lower_rows(
+            backward_rows(
                 net,
                 spec[rows],
                 bias[rows],
                 start,
-                {i: r.rows(rows) for i, r in relaxations.items()},
-                box_lower[rows],
-                box_upper[rows],
+                {i: tuple(t if t is None else t[rows] for t in r) for i, r in flat.items()},
+                (center[rows], radius[rows]),
             )
         )
     return torch.cat(parts)
-
-
-def _backward_lower_rows(
-    net: _Network,
-    spec: Tensor,
-    bias: Tensor,
-    start: int,
-    relaxations: dict[int, _Relaxation],
-    box_lower: Tensor,
-    box_upper: Tensor,
-) -> Tensor:
-    for index in range(start - 1, -1, -1):
-        layer = net.layers[index]
-        if isinstance(layer, nn.ReLU):
-            spec, bias = _dense_relu_pull_back(relaxations[index], spec, bias)
-        elif isinstance(layer, nn.Flatten):
-            spec = spec.reshape(*spec.shape[:2], *net.shapes[index])
-        else:
-            contribution = _bias_contribution(layer, spec)
-            if contribution is not None:
-                bias = bias + contribution
-            spec = _affine_transpose(layer, spec, net.shapes[index])
-    return _concretize(spec, bias, box_lower, box_upper)
-
-
-def _dense_relu_pull_back(relaxation: _Relaxation, spec: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """`_Relaxation.pull_back` for dense specs (N, S, *shape), in fewer passes over the spec.
-
-    where(spec >= 0, lower, upper) * spec = upper * spec + (lower - upper) * relu(spec), and the intercept term
-    is one batched matrix product instead of a product tensor and a sum.
-    """
-    flat = spec.flatten(2)
-    upper_slope = relaxation.upper_slope.flatten(1).unsqueeze(1)
-    negative = flat.clamp(max=0)
-    bias = bias + torch.bmm(negative, relaxation.upper_intercept.flatten(1).unsqueeze(2)).squeeze(2)
-    pulled = flat * upper_slope
-    if not relaxation.same_slopes:
-        gap = (relaxation.lower_slope - relaxation.upper_slope).flatten(1).unsqueeze(1)
-        pulled = torch.addcmul(pulled, flat - negative, gap)
-    return pulled.reshape(spec.shape), bias
 
 
 def _conv_chain(net: _Network, index: int) -> bool:
@@ -317,19 +289,19 @@ def _unit_specs(net: _Network, index: int, neurons: Tensor, valid: Tensor) -> tu
     """Dense unit specs e_k on h_index for neurons (N, S); rows where `valid` is False are zero.
 
     Returns:
-        spec, bias (N, S) and the index of the activation the spec lives on (pulled through a Linear layer
-        at once, since its rows are the weight's rows).
+        spec (N, S, F) in bounds_backward's internal order, bias (N, S) and the index of the activation the
+        spec lives on (pulled through a Linear layer at once, since its rows are the weight's rows).
     """
     previous = net.layers[index - 1]
     mask = valid.to(net.layers[-1].weight.dtype)
     if isinstance(previous, nn.Linear):
-        spec = previous.weight[neurons] * mask.unsqueeze(2)
+        spec = internal_weight(previous, net, index - 1)[neurons] * mask.unsqueeze(2)
         bias = previous.bias[neurons] * mask if previous.bias is not None else torch.zeros_like(mask)
         return spec, bias, index - 1
     b, s = neurons.shape
     unit = mask.new_zeros(b, s, net.size(index))
-    spec = unit.scatter(2, neurons.unsqueeze(2), mask.unsqueeze(2)).reshape(b, s, *net.shapes[index])
-    return spec, torch.zeros_like(mask), index
+    spec = unit.scatter(2, neurons.unsqueeze(2), mask.unsqueeze(2))
+    return to_internal(spec, net, index, lead=2), torch.zeros_like(mask), index
 
 
 def _refine_preactivation(
@@ -390,7 +362,7 @@ def _refine_preactivation(
             )
         else:
             spec, bias, start = _unit_specs(net, index, neurons, valid)
-            both = _backward_lower_rows(
+            both = _backward_lower(
                 net,
                 torch.cat([spec, -spec], 1),
                 torch.cat([bias, -bias], 1),
@@ -398,6 +370,7 @@ def _refine_preactivation(
                 rows_relaxations,
                 box_lower[rows],
                 box_upper[rows],
+                internal=True,
             )
         lower_sel, upper_sel = both[:, :s], -both[:, s:]
         if unstable_only:
