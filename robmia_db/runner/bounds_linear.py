@@ -44,18 +44,22 @@ class _Relaxation:
         )
 
     def pull_back(
-        self, spec: Tensor, slopes: tuple[Tensor, Tensor, Tensor], feature_dims: int
-    ) -> tuple[Tensor, Tensor]:
+        self, spec: Tensor, slopes: tuple[Tensor, Tensor, Tensor | None], feature_dims: int
+    ) -> tuple[Tensor, Tensor | None]:
         """Spec on the ReLU input and its intercept term, for a spec on the ReLU output.
 
         `slopes` are (lower_slope, upper_slope, upper_intercept) already shaped to broadcast with spec; the
-        intercept term sums over the last `feature_dims` dimensions.
+        intercept term sums over the last `feature_dims` dimensions (None when upper_intercept is None).
         """
         lower_slope, upper_slope, upper_intercept = slopes
-        intercept = (spec.clamp(max=0) * upper_intercept).flatten(-feature_dims).sum(-1)
+        negative = spec.clamp(max=0)
+        intercept = None
+        if upper_intercept is not None:
+            intercept = (negative * upper_intercept).flatten(-feature_dims).sum(-1)
         if self.same_slopes:
             return spec * upper_slope, intercept
-        return spec * torch.where(spec >= 0, lower_slope, upper_slope), intercept
+        # where(spec >= 0, lower, upper) * spec in two passes over the spec (slopes are window-sized).
+        return (spec * lower_slope).addcmul_(negative, upper_slope - lower_slope), intercept
 
 
 def _relu_relaxation(lower: Tensor, upper: Tensor, lower_rule: str) -> _Relaxation:
@@ -174,8 +178,12 @@ def _dilated_kernel(conv: nn.Conv2d) -> Tensor:
 def _full_conv_transpose(layer: nn.Conv2d, patch: Tensor) -> Tensor:
     """Pull patches (N, S, C_out, ph, pw) through a convolution with no cropping.
 
-    One small matmul per kernel tap, added into a strided view of the output: F.fold and conv_transpose2d
-    both loop over the N*S patches internally, which dominates for thousands of tiny patches.
+    F.fold and conv_transpose2d both loop over the N*S patches internally, which dominates for thousands of
+    tiny patches. When the map from a patch to its pulled-back patch is small as a dense matrix, it is built
+    once (the transposed convolution of the unit patches) and applied as one matrix product: more
+    multiply-adds than the taps below (up to 8x) but at full matrix-product speed, 3-5x faster on CPU for
+    the first layer of the usual CNNs. Otherwise one small matmul per kernel tap, added into a strided view
+    of the output.
     """
     n, s, channels_out, height, width = patch.shape
     weight = layer.weight
@@ -186,6 +194,14 @@ def _full_conv_transpose(layer: nn.Conv2d, patch: Tensor) -> Tensor:
         layer.dilation,
     )
     out_h, out_w = (height - 1) * sh + dh * (kh - 1) + 1, (width - 1) * sw + dw * (kw - 1) + 1
+    rows, columns = channels_out * height * width, channels_in * out_h * out_w
+    if rows * columns <= 2**20 and columns <= 8 * channels_in * kh * kw:
+        units = torch.eye(rows, dtype=patch.dtype, device=patch.device).reshape(
+            rows, channels_out, height, width
+        )
+        matrix = F.conv_transpose2d(units, weight, None, layer.stride, 0, 0, 1, layer.dilation)
+        pulled = patch.reshape(n * s, rows) @ matrix.reshape(rows, columns)
+        return pulled.reshape(n, s, channels_in, out_h, out_w)
     # One contiguous matmul for all taps; a strided view per tap would make matmul copy the patches each time.
     taps = (patch.movedim(2, -1).reshape(-1, channels_out) @ weight.reshape(channels_out, -1)).reshape(
         n, s, height, width, channels_in, kh, kw
@@ -222,22 +238,34 @@ def _patch_backward_lower(
     conv = net.layers[index - 1]
     grid = tuple(net.shapes[index][-2:])
     cells = grid[0] * grid[1]
-    channel, positions = neurons // cells, neurons % cells
-    mask = valid.to(conv.weight.dtype)
-    patch = _dilated_kernel(conv)[channel] * mask.reshape(*mask.shape, 1, 1, 1)
-    bias = conv.bias[channel] * mask if conv.bias is not None else torch.zeros_like(mask)
-    patch, bias, positions = (
-        torch.cat([patch, -patch], 1),
-        torch.cat([bias, -bias], 1),
-        positions.repeat(1, 2),
-    )
+    n = neurons.shape[0]
+    kernels = _dilated_kernel(conv)
+    conv_bias = conv.bias if conv.bias is not None else kernels.new_zeros(kernels.shape[0])
+    if every_neuron:
+        # Every row holds the same specs: one bank of +-kernels, broadcast over rows and grid cells, in
+        # the grouped layout (rows, 2 C, cells, C_in, kh, kw); the first step below makes it per row.
+        patch = torch.cat([kernels, -kernels]).unsqueeze(0).unsqueeze(2)
+        bias = torch.cat([conv_bias, -conv_bias]).repeat_interleave(cells).unsqueeze(0)
+        shared = None
+    else:
+        channel, positions = neurons // cells, neurons % cells
+        mask = valid.to(conv.weight.dtype)
+        patch = kernels[channel] * mask.reshape(*mask.shape, 1, 1, 1)
+        bias = conv_bias[channel] * mask
+        patch, bias = torch.cat([patch, -patch], 1), torch.cat([bias, -bias], 1)
+        shared = positions.repeat(1, 2)
     stride, offset = tuple(conv.stride), tuple(conv.padding)
-    n = patch.shape[0]
-    shared = None if every_neuron else positions
 
-    def by_cell(t: Tensor) -> Tensor:
-        # (N, S2, C, kh, kw) -> (N, S2 / cells, cells, C, kh, kw) to broadcast against shared windows.
-        return t.reshape(n, -1, cells, *t.shape[2:]) if every_neuron else t
+    def grouped(t: Tensor) -> Tensor:
+        # (rows, S2, C, kh, kw) -> (rows, S2 / cells, cells, C, kh, kw) to broadcast against shared windows.
+        if not every_neuron or t.dim() == 6:
+            return t
+        return t.reshape(t.shape[0], -1, cells, *t.shape[-3:])
+
+    def specs(t: Tensor) -> Tensor:
+        if t.dim() == 6 and t.shape[2] != cells:  # the bank, still broadcast over cells
+            t = t.expand(-1, -1, cells, -1, -1, -1)
+        return t.reshape(t.shape[0], -1, *t.shape[-3:])
 
     masked_outside = False
     for layer_index in range(index - 2, -1, -1):
@@ -254,11 +282,18 @@ def _patch_backward_lower(
                 if relaxation.same_slopes
                 else _windows(relaxation.lower_slope, kernel, stride, offset, grid, shared)
             )
-            pulled, intercept = relaxation.pull_back(
-                by_cell(patch), (lower_slope, upper_slope, upper_intercept), 3
-            )
-            patch = pulled.reshape(patch.shape)
-            bias = bias + intercept.reshape(n, -1)
+            if patch.shape[0] == 1 and n > 1 and every_neuron:
+                # A bank shared by all rows: the intercepts are one matrix product over the windows.
+                negative = patch.clamp(max=0).reshape(patch.shape[1], -1)
+                windows = upper_intercept.reshape(n, cells, -1)
+                intercept = (windows @ negative.t()).transpose(1, 2)
+                pulled, _ = relaxation.pull_back(grouped(patch), (lower_slope, upper_slope, None), 3)
+            else:
+                pulled, intercept = relaxation.pull_back(
+                    grouped(patch), (lower_slope, upper_slope, upper_intercept), 3
+                )
+            patch = pulled
+            bias = bias + intercept.reshape(intercept.shape[0], -1)
             masked_outside = True  # zero-padded slopes vanish outside the map
             continue
         if not masked_outside:
@@ -267,7 +302,8 @@ def _patch_backward_lower(
                 1, 1, *net.shapes[layer_index + 1][-2:], dtype=patch.dtype, device=patch.device
             )
             inside = _windows(inside.expand(n, 1, -1, -1), kernel, stride, offset, grid, shared)
-            patch = (by_cell(patch) * inside).reshape(patch.shape)
+            patch = grouped(patch) * inside
+        patch = specs(patch)
         if layer.bias is not None:
             bias = bias + patch.sum(dim=(-2, -1)) @ layer.bias
         patch = _full_conv_transpose(layer, patch)
@@ -280,8 +316,8 @@ def _patch_backward_lower(
     kernel = tuple(patch.shape[-2:])
     center = _windows((box_upper + box_lower) / 2, kernel, stride, offset, grid, shared)
     radius = _windows((box_upper - box_lower) / 2, kernel, stride, offset, grid, shared)
-    grouped = by_cell(patch)
-    linear = (grouped * center).flatten(-3).sum(-1) - (grouped.abs() * radius).flatten(-3).sum(-1)
+    patch = grouped(patch)
+    linear = (patch * center).flatten(-3).sum(-1) - (patch.abs() * radius).flatten(-3).sum(-1)
     return bias + linear.reshape(n, -1)
 
 
