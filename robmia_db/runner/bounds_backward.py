@@ -81,10 +81,13 @@ def backward_rows(
         box: the input box's (centre, radius), each (N, 1, F_0) internal.
     """
     n, s = spec.shape[:2]
+    # Without autograd, specs made here are overwritten in place (one fresh multi-MB tensor less per ReLU).
+    owned = False
     for index in range(start - 1, -1, -1):
         layer = net.layers[index]
         if isinstance(layer, nn.ReLU):
-            spec, bias = _relu_pull_back(relaxations[index], spec, bias)
+            spec, bias = _relu_pull_back(relaxations[index], spec, bias, owned and not spec.requires_grad)
+            owned = True
         elif isinstance(layer, nn.Linear):
             if layer.bias is not None:
                 bias = bias + spec @ layer.bias
@@ -98,12 +101,13 @@ def backward_rows(
             if index == 0 and tuple(layer.dilation) == (1, 1):
                 return _concretize_phases(layer, net, maps, bias, box)
             spec = _conv_transpose(layer, maps, net.shapes[index]).permute(0, 2, 3, 1).reshape(n, s, -1)
+        owned = owned or not isinstance(layer, nn.Flatten)
         # Flatten: the internal order of its output is its input's, so nothing moves.
-    return _concretize(spec, bias, *box)
+    return _concretize(spec, bias, *box, in_place=owned and not spec.requires_grad)
 
 
 def _relu_pull_back(
-    relaxation: tuple[Tensor, Tensor, Tensor | None], spec: Tensor, bias: Tensor
+    relaxation: tuple[Tensor, Tensor, Tensor | None], spec: Tensor, bias: Tensor, in_place: bool
 ) -> tuple[Tensor, Tensor]:
     """Spec on the ReLU input for a spec (N, S, F) on its output, and the bias gained from the intercepts.
 
@@ -114,9 +118,10 @@ def _relu_pull_back(
     lower, intercept, gap = relaxation
     negative = spec.clamp(max=0)
     bias = bias + _dot(intercept, negative)
+    pulled = spec.mul_(lower) if in_place else spec * lower
     if gap is None:
-        return spec * lower, bias
-    return (spec * lower).addcmul_(negative, gap), bias
+        return pulled, bias
+    return pulled.addcmul_(negative, gap), bias
 
 
 def _conv_transpose(layer: nn.Conv2d, maps: Tensor, in_shape: torch.Size) -> Tensor:
@@ -167,7 +172,7 @@ def _concretize_phases(
     phases = F.conv2d(maps, phase_weight, None, 1, (ph - 1, pw - 1))
     center, radius = (_phase_layout(t, layer, net, phases.shape[-2:]) for t in box)
     flat = phases.permute(0, 2, 3, 1).reshape(n, s, -1)
-    return bias + _dot(center, flat) - _dot(radius, flat.abs())
+    return _concretize(flat, bias, center, radius, in_place=not flat.requires_grad)
 
 
 def _phase_layout(t: Tensor, layer: nn.Conv2d, net: _Network, grid: torch.Size) -> Tensor:
@@ -186,6 +191,7 @@ def _dot(vector: Tensor, spec: Tensor) -> Tensor:
     return torch.bmm(vector, spec.transpose(1, 2)).squeeze(1)
 
 
-def _concretize(spec: Tensor, bias: Tensor, center: Tensor, radius: Tensor) -> Tensor:
+def _concretize(spec: Tensor, bias: Tensor, center: Tensor, radius: Tensor, in_place: bool = False) -> Tensor:
     """Lower bound of <spec, h> + bias over the box centre +- radius; all flat internal."""
-    return bias + _dot(center, spec) - _dot(radius, spec.abs())
+    bias = bias + _dot(center, spec)
+    return bias - _dot(radius, spec.abs_() if in_place else spec.abs())
