@@ -351,11 +351,12 @@ def _refine_preactivation(
 ) -> tuple[Tensor, Tensor]:
     """Bounds of h_index by backward passes from unit specs.
 
-    With `unstable_only`, only neurons that the reference bounds leave unstable are bounded, and the result
-    is intersected with the reference. Bounding only IBP-unstable neurons is auto_LiRPA's trick that makes full
-    CROWN affordable; the intersection is ours (auto_LiRPA keeps the CROWN bounds), hence the name "CROWN
-    intersected with IBP" for the `crown` method. Otherwise every
-    neuron is bounded and the reference is ignored, which is exactly Wong & Kolter's dual network.
+    With `unstable_only`, only neurons that the reference bounds (one interval step from the refined bounds
+    below) leave unstable are bounded, and the result is intersected with the reference. Bounding only the
+    interval-unstable neurons is auto_LiRPA's trick that makes full CROWN affordable; the intersection is ours
+    (auto_LiRPA keeps the CROWN bounds), hence the name "CROWN intersected with IBP" for the `crown` method.
+    Otherwise every neuron is bounded and the reference is ignored, which is exactly Wong & Kolter's dual
+    network.
     """
     ref_lower, ref_upper = reference[0].flatten(1), reference[1].flatten(1)
     n, size = ref_lower.shape
