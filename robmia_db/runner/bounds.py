@@ -76,9 +76,10 @@ def margin_lower_bounds(
 
     Methods: "ibp" (intervals, last layer merged with the specification as in Gowal et al.); "crown_ibp"
     (IBP intermediate bounds, one CROWN backward pass with the adaptive lower slope); "crown" (our variant,
-    "CROWN intersected with IBP": CROWN intermediate bounds only for the neurons IBP leaves unstable, as
-    auto_LiRPA selects them, then intersected elementwise with the IBP bounds, which auto_LiRPA does not do;
-    never looser than plain CROWN, and tighter where IBP wins); "dual" (Wong & Kolter,
+    "CROWN intersected with IBP": CROWN intermediate bounds only for the neurons that interval bounds leave
+    unstable, as auto_LiRPA selects them, then intersected elementwise with those interval bounds (one
+    interval step from the refined bounds of the layer below, so at least as tight as plain IBP), which
+    auto_LiRPA does not do; never looser than plain CROWN, and tighter where the intervals win); "dual" (Wong & Kolter,
     i.e. CROWN with lower slope u/(u-l) and all intermediate bounds by the same method); "zonotope" (DeepZ).
 
     Args:

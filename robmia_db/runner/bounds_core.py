@@ -144,63 +144,6 @@ def _affine_grouped(layer: nn.Module, h: Tensor) -> Tensor:
     return out.reshape(n, k, *out.shape[1:])
 
 
-def _affine_transpose(layer: nn.Module, spec: Tensor, in_shape: torch.Size) -> Tensor:
-    """Pull a linear spec (N, S, *out_shape) back through the linear part of a layer to (N, S, *in_shape)."""
-    if isinstance(layer, nn.Linear):
-        return spec @ layer.weight
-    n, s, channels_out = spec.shape[:3]
-    flat = spec.reshape(n * s, *spec.shape[2:])
-    if layer.weight[0].numel() > channels_out:
-        # Measured on CPU: when the columns would outgrow the spec, a channels-last transposed convolution
-        # is 2x faster than matmul+fold; otherwise matmul+fold is up to 3x faster than conv_transpose2d.
-        output_padding = tuple(
-            size_in - ((size_out - 1) * stride - 2 * pad + dil * (k - 1) + 1)
-            for size_in, size_out, stride, pad, dil, k in zip(
-                in_shape[-2:],
-                spec.shape[-2:],
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                layer.weight.shape[-2:],
-                strict=True,
-            )
-        )
-        pulled = F.conv_transpose2d(
-            flat.contiguous(memory_format=torch.channels_last),
-            layer.weight,
-            None,
-            layer.stride,
-            layer.padding,
-            output_padding,
-            1,
-            layer.dilation,
-        )
-    else:
-        pulled = F.fold(
-            _columns(layer.weight, flat.reshape(n * s, channels_out, -1)),
-            tuple(in_shape[-2:]),
-            tuple(layer.weight.shape[-2:]),
-            dilation=layer.dilation,
-            padding=layer.padding,
-            stride=layer.stride,
-        )
-    return pulled.reshape(n, s, *in_shape)
-
-
-def _columns(weight: Tensor, spec: Tensor) -> Tensor:
-    """W^T applied at every position: (B, C_out, L) -> (B, C_in*kh*kw, L), the input of F.fold."""
-    return weight.reshape(weight.shape[0], -1).t().unsqueeze(0) @ spec
-
-
-def _bias_contribution(layer: nn.Module, spec: Tensor) -> Tensor | None:
-    """<spec, bias> of a Linear/Conv2d layer for a spec (N, S, *out_shape), or None without bias."""
-    if layer.bias is None:
-        return None
-    if isinstance(layer, nn.Linear):
-        return spec @ layer.bias
-    return spec.sum(dim=(-2, -1)) @ layer.bias
-
-
 def _input_box(
     x: Tensor, eps: float | Tensor, x_min: float, x_max: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
