@@ -57,7 +57,7 @@ class Side:
 
 
 def side(refs: ReferenceMatrix, inside: bool) -> Side:
-    usable = refs.present & ~np.isnan(refs.values)
+    usable = refs.usable
     member = usable & refs.is_member
     n_in = member.sum(axis=0)
     if inside:
@@ -93,18 +93,21 @@ def fit_side(
     s = side(refs, inside)
     mean = side_mean(refs, s) if location == "mean" or variance == "per_example" else None
     loc = side_median(refs, s) if location == "median" else mean
+    # centred values of the side, zero elsewhere (in place: these are the largest arrays of an attack)
+    off = ~s.mask
+    centred = refs.values - np.where(s.count > 0, loc if variance == "global" else mean, 0.0)
+    np.copyto(centred, 0.0, where=off)
     if variance == "global":
         total = int(s.count.sum())
-        deviations = np.where(s.mask, refs.values - np.where(s.count > 0, loc, 0.0), 0.0)
         if total:
-            centred = np.where(s.mask, deviations - deviations.sum() / total, 0.0)
-            std = np.sqrt((centred * centred).sum() / total)
+            centred -= centred.sum() / total
+            np.copyto(centred, 0.0, where=off)
+            std = np.sqrt(np.square(centred, out=centred).sum() / total)
         else:
             std = np.nan
         scale = np.full(refs.values.shape[1], std)
     else:
-        centred = np.where(s.mask, refs.values - np.where(s.count > 0, mean, 0.0), 0.0)
-        scale = np.sqrt(_divide((centred * centred).sum(axis=0), s.count))
+        scale = np.sqrt(_divide(np.square(centred, out=centred).sum(axis=0), s.count))
     return _fill_column_mean(loc), _fill_column_mean(scale) + SIGMA_FLOOR
 
 

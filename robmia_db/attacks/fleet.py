@@ -146,6 +146,13 @@ class ReferenceMatrix:
             self.order = side_order(self.values, self.is_member, self.present)
 
     @property
+    def usable(self) -> np.ndarray:
+        """Present and not NaN (what nanmedian / nanstd would count), computed once."""
+        if getattr(self, "_usable", None) is None:
+            self._usable = self.present & ~np.isnan(self.values)
+        return self._usable
+
+    @property
     def inside(self) -> np.ndarray:
         return np.where(self.present & self.is_member, self.values, np.nan)
 

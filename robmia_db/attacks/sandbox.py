@@ -94,6 +94,8 @@ def read_relations(
     Target relations carry no labels. `reference` holds each reference model's rows once, with labels;
     it is never handed to an attack as is (see `batches`).
     """
+    if attack.needs_reference:
+        return _read_fleet_relations(store, attack, units)
     store.register("_units", _units_table(units))
     relations: dict[str, pa.Table] = {}
     try:
@@ -109,16 +111,44 @@ def read_relations(
                         JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.{kind}_perturbation"""
                 ).to_arrow_table()
             relations["target"] = relations[attack.signal_kind]
-        if attack.needs_reference:
-            references = sorted({ref for u in units for ref in u.references})
-            names = sorted(set(units[0].inputs.values()))
-            relations["reference"] = store.sql(
-                "SELECT * FROM v_signals WHERE model_key IN (SELECT unnest($refs)) "
-                "AND perturbation IN (SELECT unnest($names))",
-                params={"refs": references, "names": names},
-            ).to_arrow_table()
     finally:
         store.unregister("_units")
+    return relations
+
+
+def _read_fleet_relations(
+    store: duckdb.DuckDBPyConnection, attack: AttackDefinition, units: list[ScoreUnit]
+) -> dict[str, pa.Table]:
+    """A fleet's targets are each other's references: their rows are read once, sorted by model (so that a
+    target's rows are one slice), and the target relations are those rows without `is_member`."""
+    targets = sorted({u.model_key for u in units})
+    references = sorted({ref for u in units for ref in u.references})
+    names = sorted(set(units[0].inputs.values()))  # a group's units share their inputs
+    rows = (
+        store.sql(
+            "SELECT * FROM v_signals WHERE model_key IN (SELECT unnest($models)) "
+            "AND perturbation IN (SELECT unnest($names)) ORDER BY model_key, perturbation, example_id",
+            params={"models": sorted(set(targets) | set(references)), "names": names},
+        )
+        .to_arrow_table()
+        .combine_chunks()
+    )
+    models = pa.array(sorted(set(targets) | set(references)), pa.string())
+
+    def only(keys: list[str]) -> pa.Array | None:  # None: every row (no copy)
+        return None if len(keys) == len(models) else pc.is_in(rows["model_key"], pa.array(keys, pa.string()))
+
+    is_reference = only(references)
+    relations = {"reference": rows if is_reference is None else rows.filter(is_reference)}
+    unlabelled = rows.drop_columns(["is_member"])
+    is_target = only(targets)
+    if attack.signal_kind is None:
+        relations["target"] = unlabelled if is_target is None else unlabelled.filter(is_target)
+    else:
+        for kind in (n for n in attack.needs if n in KIND_NEEDS):
+            same = pc.equal(rows["perturbation"], units[0].inputs[kind])
+            relations[kind] = unlabelled.filter(same if is_target is None else pc.and_(is_target, same))
+        relations["target"] = relations[attack.signal_kind]
     return relations
 
 
@@ -131,11 +161,11 @@ class Relations(Mapping[str, pa.Table]):
         self,
         tables: dict[str, pa.Table | Callable[[], pa.Table]],
         fleet: FleetCache | None = None,
-        unit: ScoreUnit | None = None,
+        units: list[ScoreUnit] | None = None,
     ):
         self._tables = dict(tables)
         self._fleet = fleet
-        self._unit = unit
+        self._units = {unit.model_key: unit for unit in units or []}
 
     def __getitem__(self, name: str) -> pa.Table:
         table = self._tables[name]
@@ -152,15 +182,15 @@ class Relations(Mapping[str, pa.Table]):
     def references(
         self, model_key: str, column: str, kind: str | None, example_id: np.ndarray | None, path: str
     ) -> ReferenceMatrix:
-        if self._fleet is None or self._unit is None:
+        if self._fleet is None:
             raise AttackDefinitionError(path, 'reads references but does not declare "reference_models"')
-        if model_key != self._unit.model_key:
+        if model_key not in self._units:
             raise AttackDefinitionError(
-                path, f"asked for the references of model {model_key}, not the target of this sandbox"
+                path, f"asked for the references of model {model_key}, not a target of this sandbox"
             )
         fleet = self._fleet.matrix(column, kind)
         ids = fleet.example_id if example_id is None else np.asarray(example_id)
-        return references_of(fleet, self._unit.references, ids)
+        return references_of(fleet, self._units[model_key].references, ids)
 
 
 def batches(
@@ -176,17 +206,25 @@ def batches(
         for name, table in relations.items()
         if name != "reference"
     }
-    empty = np.zeros(0, dtype=np.int64)
     for unit in units:
         sliced: dict[str, pa.Table | Callable[[], pa.Table]] = {
-            name: table.take(rows[name].get(unit.model_key, empty))
+            name: _rows_of(table, rows[name].get(unit.model_key))
             for name, table in relations.items()
             if name != "reference"
         }
         if "target" not in sliced:  # kind attacks alias target to their last kind
             sliced["target"] = sliced[attack.signal_kind]
         sliced["reference"] = partial(_reference_relation, relations["reference"], unit)
-        yield [unit], Relations(sliced, fleet, unit)
+        yield [unit], Relations(sliced, fleet, [unit])
+
+
+def _rows_of(table: pa.Table, rows: np.ndarray | None) -> pa.Table:
+    """The given rows: a zero-copy slice where they are contiguous (the fleet's rows are sorted by model)."""
+    if rows is None or not len(rows):
+        return table.slice(0, 0)
+    if rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
+        return table.slice(int(rows[0]), len(rows))
+    return table.combine_chunks().take(rows)
 
 
 def _reference_relation(reference: pa.Table, unit: ScoreUnit) -> pa.Table:
