@@ -46,6 +46,11 @@ class AttackContext:
         self.units = units
         self.params = params
 
+    @property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        """The sandbox's own connection (opened on first use): it holds the batch's relations only."""
+        return self._sandbox.connection()
+
     def sql(self, query: str, params: dict[str, Any] | None = None) -> pa.Table:
         con = self._sandbox.connection()
         check_single_select(con, query, self._path)
