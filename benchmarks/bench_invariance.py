@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from attack_fixtures import import_synthetic, synthetic_outputs  # noqa: E402
 
 import robmia_db.attacks.scoring as scoring  # noqa: E402
+from robmia_db.attacks.fleet import FleetCache  # noqa: E402
+from robmia_db.attacks.sandbox import Relations  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_invariance.json"
 OFFLINE_SQL = """-- title = "offline loss ratio against OUT references"
@@ -53,7 +55,9 @@ def one_batch(attack, units, relations):
                 0, "target_model_key", pa.repeat(pa.scalar(unit.model_key, pa.string()), rows.num_rows)
             )
         )
-    yield units, {**relations, "reference": pa.concat_tables(pieces)}
+    # attacks reading arrays (`ctx.references`) get each target's own references either way
+    tables = {**relations, "reference": pa.concat_tables(pieces)}
+    yield units, Relations(tables, FleetCache(reference), units)
 
 
 def build_fleet(folder: Path, models: int, examples: int, seed: int) -> Path:

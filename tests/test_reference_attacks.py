@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from scipy.stats import norm
 
 from robmia_db.attacks import calibrated
+from robmia_db.attacks import fleet as fleet_module
 from robmia_db.attacks.scoring import score_attacks
 from robmia_db.cli import main
 from robmia_db.store.signals import signals_from_logits, signals_from_probs
@@ -298,6 +299,61 @@ def test_one_reference_rmia_and_lira(tmp_path: Path):
         fleet.db, "SELECT auc FROM v_metrics WHERE attack = 'rmia_offline' AND perturbation = 'benign'"
     )
     assert all(r["auc"] > 0.6 for r in rows)
+
+
+def _random_fleet(rng: np.random.Generator, n_models: int = 7, n: int = 40) -> fleet_module.FleetMatrix:
+    """Integer values (many ties), absent entries, and examples without OUT (0) or IN (1) entries."""
+    values = rng.integers(0, 5, (n_models, n)).astype(np.float64)
+    present = rng.random((n_models, n)) < 0.85
+    members = (rng.random((n_models, n)) < 0.5) & present
+    members[:, 0] = present[:, 0]
+    members[:, 1] = False
+    values[~present] = np.nan
+    labels = np.where(present, 3, -1)
+    order = fleet_module.side_order(values, members, present)
+    keys = [f"m{i}" for i in range(n_models)]
+    return fleet_module.FleetMatrix(keys, np.arange(n), values, members, present, labels, order)
+
+
+def test_leave_one_out_cut_equals_sorting_and_fitting_the_references_directly():
+    """A target's references cut out of the fleet's one per-example sort are in the order a sort of the
+    references alone gives, and their Gaussian fits (median by index) equal numpy's masked median / std."""
+    fleet = _random_fleet(np.random.default_rng(5))
+    for t, target in enumerate(fleet.model_keys):
+        keys = [k for k in fleet.model_keys if k != target]
+        refs = fleet_module.references_of(fleet, keys, fleet.example_id)
+        others = np.arange(len(fleet.model_keys)) != t
+        np.testing.assert_array_equal(refs.values, fleet.values[others])
+        np.testing.assert_array_equal(
+            refs.order, fleet_module.side_order(refs.values, refs.is_member, refs.present)
+        )
+        for inside in (True, False):
+            keep = refs.present & (refs.is_member if inside else ~refs.is_member)
+            for location in ("median", "mean"):
+                for variance in ("global", "per_example"):
+                    got = calibrated.fit_side(refs, inside, location, variance)
+                    expected = ref.fit(np.nan_to_num(refs.values), keep, location, variance)
+                    np.testing.assert_allclose(got[0], expected[0], rtol=1e-12, atol=1e-12)
+                    np.testing.assert_allclose(got[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+def test_a_targets_references_never_depend_on_its_own_row():
+    """Replace target T's values and membership in the fleet (which changes the fleet's sort): what T's
+    references look like is bit-identical, since T's row is removed before the attack sees anything."""
+    rng = np.random.default_rng(9)
+    fleet = _random_fleet(rng)
+    changed = _random_fleet(rng)
+    t = 3
+    rows = [i for i in range(len(fleet.model_keys)) if i != t]
+    for name in ("values", "is_member", "present", "label"):
+        getattr(changed, name)[rows] = getattr(fleet, name)[rows]
+    changed.order = fleet_module.side_order(changed.values, changed.is_member, changed.present)
+    assert not np.array_equal(changed.order, fleet.order)
+    keys = [k for k in fleet.model_keys if k != f"m{t}"]
+    a = fleet_module.references_of(fleet, keys, fleet.example_id)
+    b = fleet_module.references_of(changed, keys, fleet.example_id)
+    for name in ("values", "is_member", "present", "label", "order"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
 # --- test vectors of reference-attacks.md ----------------------------------------------------------------

@@ -9,21 +9,19 @@ reference code each one follows are set out in the README's reference-attack sec
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from robmia_db.attacks.fleet import ReferenceMatrix
 from robmia_db.errors import AttackDefinitionError
-from robmia_db.store.signals import confidence_logit_from_probs
 
 LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
 SIGMA_FLOOR = 1e-30  # added to every sigma, as both reference codes do (Carlini's score.py, TF Privacy)
 LOCATIONS = ("median", "mean")
 VARIANCES = ("per_example", "global")
 
-# phi, with the documented fallback for stores recorded before `confidence_logit` existed
-PHI_COLUMNS = "confidence_logit AS phi, CASE WHEN confidence_logit IS NULL THEN probs END AS fallback_probs"
+__all__ = ["ReferenceMatrix", "gaussian_fit", "lira_online", "lira_offline", "rmia_fraction"]
 
 
 def check_choice(attack: str, name: str, value: object, allowed: tuple[str, ...]) -> str:
@@ -32,24 +30,6 @@ def check_choice(attack: str, name: str, value: object, allowed: tuple[str, ...]
             None, f"{attack}: param {name} must be one of {list(allowed)} (got {value!r})"
         )
     return str(value)
-
-
-@dataclass
-class ReferenceMatrix:
-    """One target's reference values for its examples: values[m, n] (NaN where a reference lacks x)."""
-
-    example_id: np.ndarray  # the target's examples, sorted
-    values: np.ndarray
-    is_member: np.ndarray  # [m, n] bool, False where missing
-    present: np.ndarray  # [m, n] bool
-
-    @property
-    def inside(self) -> np.ndarray:
-        return np.where(self.present & self.is_member, self.values, np.nan)
-
-    @property
-    def outside(self) -> np.ndarray:
-        return np.where(self.present & ~self.is_member, self.values, np.nan)
 
 
 def _fill_column_mean(per_example: np.ndarray) -> np.ndarray:
@@ -61,21 +41,81 @@ def _fill_column_mean(per_example: np.ndarray) -> np.ndarray:
     return per_example
 
 
-def gaussian_fit(values: np.ndarray, location: str, variance: str) -> tuple[np.ndarray, np.ndarray]:
-    """Location and scale per example from values[m, n] (NaN = not observed), as TF Privacy's
-    `compute_score_lira`: nanmedian or nanmean, ddof-0 std per example or one scalar std of the
-    per-example-centred deviations, empty examples filled with the column mean, sigma + 1e-30."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are filled below
-        loc = np.nanmedian(values, axis=0) if location == "median" else np.nanmean(values, axis=0)
-        if variance == "global":
-            deviations = values - loc[None, :]
-            scale = np.full(
-                values.shape[1], np.nanstd(deviations) if np.isfinite(deviations).any() else np.nan
-            )
+def _divide(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """total / count, NaN where count is 0."""
+    return np.divide(total, count, out=np.full(np.shape(total), np.nan), where=count > 0)
+
+
+@dataclass
+class Side:
+    """The IN (or OUT) entries of a reference matrix: mask[r, n], count per example, and where they start
+    in the matrix's per-example order (IN entries come first, then OUT)."""
+
+    mask: np.ndarray
+    count: np.ndarray
+    start: np.ndarray
+
+
+def side(refs: ReferenceMatrix, inside: bool) -> Side:
+    usable = refs.usable
+    member = usable & refs.is_member
+    n_in = member.sum(axis=0)
+    if inside:
+        return Side(member, n_in, np.zeros_like(n_in))
+    mask = usable & ~refs.is_member
+    return Side(mask, mask.sum(axis=0), n_in)
+
+
+def side_median(refs: ReferenceMatrix, s: Side) -> np.ndarray:
+    """Per example the median of the side's values (mean of the two middle ones for an even count), picked
+    from the sorted order by index: an element (or two) of the side itself, never a difference of sums."""
+    n_refs, n = refs.values.shape
+    if n_refs == 0:
+        return np.full(n, np.nan)
+    columns = np.arange(n)
+    low = np.minimum(s.start + np.maximum(s.count - 1, 0) // 2, n_refs - 1)
+    high = np.minimum(s.start + s.count // 2, n_refs - 1)
+    a = refs.values[refs.order[columns, low], columns]
+    b = refs.values[refs.order[columns, high], columns]
+    return np.where(s.count > 0, (a + b) * 0.5, np.nan)
+
+
+def side_mean(refs: ReferenceMatrix, s: Side) -> np.ndarray:
+    return _divide(np.where(s.mask, refs.values, 0.0).sum(axis=0), s.count)
+
+
+def fit_side(
+    refs: ReferenceMatrix, inside: bool, location: str, variance: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Location and scale per example of the IN (or OUT) references, as TF Privacy's `compute_score_lira`:
+    median or mean, ddof-0 std per example or one scalar std of the per-example-centred values, empty
+    examples filled with the column mean, sigma + 1e-30."""
+    s = side(refs, inside)
+    mean = side_mean(refs, s) if location == "mean" or variance == "per_example" else None
+    loc = side_median(refs, s) if location == "median" else mean
+    # centred values of the side, zero elsewhere (in place: these are the largest arrays of an attack)
+    off = ~s.mask
+    centred = refs.values - np.where(s.count > 0, loc if variance == "global" else mean, 0.0)
+    np.copyto(centred, 0.0, where=off)
+    if variance == "global":
+        total = int(s.count.sum())
+        if total:
+            centred -= centred.sum() / total
+            np.copyto(centred, 0.0, where=off)
+            std = np.sqrt(np.square(centred, out=centred).sum() / total)
         else:
-            scale = np.nanstd(values, axis=0)
+            std = np.nan
+        scale = np.full(refs.values.shape[1], std)
+    else:
+        scale = np.sqrt(_divide(np.square(centred, out=centred).sum(axis=0), s.count))
     return _fill_column_mean(loc), _fill_column_mean(scale) + SIGMA_FLOOR
+
+
+def gaussian_fit(values: np.ndarray, location: str, variance: str) -> tuple[np.ndarray, np.ndarray]:
+    """`fit_side` over values[m, n] with NaN = not observed."""
+    present = ~np.isnan(values)
+    refs = ReferenceMatrix(np.arange(values.shape[1]), values, present, present)
+    return fit_side(refs, True, location, variance)
 
 
 def log_normal_pdf(x: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -85,15 +125,15 @@ def log_normal_pdf(x: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndar
 
 def lira_online(phi: np.ndarray, refs: ReferenceMatrix, location: str, variance: str) -> np.ndarray:
     """Per-query log-likelihood ratio log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out) (member-high)."""
-    mu_in, s_in = gaussian_fit(refs.inside, location, variance)
-    mu_out, s_out = gaussian_fit(refs.outside, location, variance)
+    mu_in, s_in = fit_side(refs, True, location, variance)
+    mu_out, s_out = fit_side(refs, False, location, variance)
     return log_normal_pdf(phi, mu_in, s_in) - log_normal_pdf(phi, mu_out, s_out)
 
 
 def lira_offline(phi: np.ndarray, refs: ReferenceMatrix, location: str, variance: str) -> np.ndarray:
     """Per-query one-sided z = (phi - mu_out) / s_out, the paper's Lambda = Phi(z) before the monotone Phi
     (kept as z so that scores never saturate at 1.0 and tie)."""
-    mu_out, s_out = gaussian_fit(refs.outside, location, variance)
+    mu_out, s_out = fit_side(refs, False, location, variance)
     return (phi - mu_out) / s_out
 
 
@@ -112,12 +152,10 @@ def rmia_pr_x(probs: ReferenceMatrix, mode: str, a: float) -> np.ndarray:
     """Pr(x) from the references' true-label probabilities: online 1/2 P_IN + 1/2 P_OUT; offline
     ((1 + a)/2) P_OUT + (1 - a)/2. Means (equal to the paper code's 20% trimmed mean for up to 4 values);
     empty IN / OUT sides take the column mean, as in LiRA."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p_out = _fill_column_mean(np.nanmean(probs.outside, axis=0))
-        if mode == "online":
-            p_in = _fill_column_mean(np.nanmean(probs.inside, axis=0))
-            return 0.5 * p_in + 0.5 * p_out
+    p_out = _fill_column_mean(side_mean(probs, side(probs, False)))
+    if mode == "online":
+        p_in = _fill_column_mean(side_mean(probs, side(probs, True)))
+        return 0.5 * p_in + 0.5 * p_out
     return 0.5 * (1.0 + a) * p_out + 0.5 * (1.0 - a)
 
 
@@ -200,153 +238,13 @@ def risk_posterior(values: np.ndarray, histogram: RiskHistogram) -> np.ndarray:
     return filled[bins]
 
 
-# --- reading the relations once and splitting them per target --------------------------------------------
-
-
-def _group(column) -> dict[str, np.ndarray]:
-    """Row indices per distinct string value, without turning the strings into Python objects."""
-    import pyarrow.compute as pc
-
-    encoded = pc.dictionary_encode(column.combine_chunks() if hasattr(column, "combine_chunks") else column)
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(encoded.dictionary) + 1))
-    return {
-        str(value): order[bounds[i] : bounds[i + 1]] for i, value in enumerate(encoded.dictionary.to_pylist())
-    }
-
-
-def _columns(table, names: list[str]) -> dict[str, np.ndarray]:
-    out = {name: table.column(name).to_numpy(zero_copy_only=False) for name in names}
-    if "phi" in table.column_names:
-        phi = table.column("phi").to_numpy(zero_copy_only=False).astype(np.float64)
-        missing = np.isnan(phi)
-        if missing.any():
-            probs = table.column("fallback_probs").filter(missing).to_pylist()
-            labels = table.column("label").to_numpy(zero_copy_only=False)[missing]
-            phi[missing] = confidence_logit_from_probs(np.asarray(probs, dtype=np.float32), labels)
-        out["value"] = phi
-    else:
-        out["value"] = table.column("value").to_numpy(zero_copy_only=False).astype(np.float64)
-    return out
-
-
-def phi_sql(ctx, relation: str, kind: str | None = None) -> str:
-    """phi's columns for one relation: the stored float64 column, plus the float32 probabilities only where
-    some rows predate it (reading the list column costs more than the whole attack otherwise)."""
-    where = "AND kind = $kind" if kind else ""
-    missing = (
-        ctx.sql(
-            f"SELECT count(*) AS n FROM {relation} WHERE confidence_logit IS NULL {where}",
-            {"kind": kind} if kind else None,
-        )
-        .column("n")[0]
-        .as_py()
-    )
-    return PHI_COLUMNS if missing else "confidence_logit AS phi"
-
-
-def read_targets(ctx, value_sql: str, relation: str = "target") -> dict[str, dict[str, np.ndarray]]:
-    """Per target model: (example_id, label, value) sorted by example id; no membership (the relation has
-    none)."""
-    table = ctx.sql(f"SELECT model_key, example_id, label, {value_sql} FROM {relation}")
-    columns = _columns(table, ["example_id", "label"])
-    out = {}
-    for key, rows in sorted(_group(table.column("model_key")).items()):
-        rows = rows[np.argsort(columns["example_id"][rows], kind="stable")]
-        out[key] = {name: values[rows] for name, values in columns.items()}
-    return out
-
-
-@dataclass
-class FleetReferences:
-    """Every reference model's rows of one relation as [model, example] matrices (each reference model's
-    rows are identical whichever target it serves), plus, per target T, the models listed as T's
-    references (`target_model_key = T`). A target only ever reads the rows of its own references, so its
-    own membership is never used for it."""
-
-    model_keys: list[str]  # sorted
-    example_id: np.ndarray  # sorted union over the references
-    values: np.ndarray  # [M, N] float64, NaN where absent
-    is_member: np.ndarray  # [M, N] bool
-    present: np.ndarray  # [M, N] bool
-    label: np.ndarray  # [M, N] int, -1 where absent
-    targets: dict[str, np.ndarray]  # target key -> row indices of its reference models, sorted by key
-
-    def rows_of(self, key: str) -> np.ndarray:
-        return self.targets.get(key, np.zeros(0, dtype=np.int64))
-
-    def long(self, key: str) -> dict[str, np.ndarray]:
-        """T's reference rows in (model key, example id) order: Song & Mittal's threshold rule keeps the
-        first of tied candidates."""
-        rows = self.rows_of(key)
-        present = self.present[rows]
-        return {
-            "value": self.values[rows][present],
-            "is_member": self.is_member[rows][present],
-            "label": self.label[rows][present],
-        }
-
-
-def read_references(ctx, value_sql: str, kind: str | None = None) -> FleetReferences:
-    """The `reference` relation (optionally one kind), deduplicated to one row per (model, example)."""
-    where = "WHERE kind = $kind" if kind else ""
-    params = {"kind": kind} if kind else None
-    table = ctx.sql(
-        f"SELECT DISTINCT model_key, example_id, label, is_member, {value_sql} FROM reference {where}", params
-    )
-    pairs = ctx.sql(f"SELECT DISTINCT target_model_key, model_key FROM reference {where}", params)
-    columns = _columns(table, ["example_id", "label", "is_member"])
-    models = _group(table.column("model_key"))
-    names = sorted(models)
-    row = np.empty(table.num_rows, dtype=np.int64)
-    for rank, name in enumerate(names):
-        row[models[name]] = rank
-    example_id, col = np.unique(columns["example_id"], return_inverse=True)
-    shape = (len(names), len(example_id))
-    present = np.zeros(shape, bool)
-    present[row, col] = True
-    if present.sum() != table.num_rows:
-        raise AttackDefinitionError(
-            None, "the reference relation has differing rows for one (model, example)"
-        )
-    values = np.full(shape, np.nan)
-    values[row, col] = columns["value"]
-    members = np.zeros(shape, bool)
-    members[row, col] = columns["is_member"].astype(bool)
-    labels = np.full(shape, -1, dtype=np.int64)
-    labels[row, col] = columns["label"]
-    rank = {name: i for i, name in enumerate(names)}
-    pair_models = pairs.column("model_key").to_pylist()
-    targets = {
-        key: np.sort(np.array([rank[pair_models[i]] for i in rows], dtype=np.int64))
-        for key, rows in _group(pairs.column("target_model_key")).items()
-    }
-    return FleetReferences(names, example_id, values, members, present, labels, targets)
-
-
-def matrix_for(target: dict[str, np.ndarray], fleet: FleetReferences, key: str) -> ReferenceMatrix:
-    """T's reference matrix over T's own (sorted) examples."""
-    rows = fleet.rows_of(key)
-    ids = target["example_id"]
-    col = np.minimum(np.searchsorted(fleet.example_id, ids), max(len(fleet.example_id) - 1, 0))
-    known = (fleet.example_id[col] == ids) if len(fleet.example_id) else np.zeros(len(ids), bool)
-    present = fleet.present[rows][:, col] & known[None, :]
-    return ReferenceMatrix(
-        ids,
-        np.where(present, fleet.values[rows][:, col], np.nan),
-        fleet.is_member[rows][:, col] & present,
-        present,
-    )
-
-
 def result_table(pieces: list[tuple[str, np.ndarray, np.ndarray]]):
     import pyarrow as pa
 
-    keys = [np.full(len(ids), key, dtype=object) for key, ids, _ in pieces]
+    keys = [pa.repeat(pa.scalar(key, pa.string()), len(ids)) for key, ids, _ in pieces]
     return pa.table(
         {
-            "model_key": pa.array(np.concatenate(keys) if keys else [], pa.string()),
+            "model_key": pa.concat_arrays(keys) if keys else pa.array([], pa.string()),
             "example_id": pa.array(np.concatenate([p[1] for p in pieces]) if pieces else [], pa.int32()),
             "score": pa.array(np.concatenate([p[2] for p in pieces]) if pieces else [], pa.float64()),
         }
@@ -366,13 +264,12 @@ def lira_attack(ctx, params: dict, attack: str, mode: str, kinds: tuple[str, ...
     totals: dict[str, np.ndarray] = {}
     ids: dict[str, np.ndarray] = {}
     for kind in queries:
-        targets = read_targets(ctx, phi_sql(ctx, kind or "target"), relation=kind or "target")
-        references = read_references(ctx, phi_sql(ctx, "reference", kind), kind=kind)
-        for key, target in targets.items():
+        for key, target in ctx.targets("phi", kind).items():
             if key in ids and not np.array_equal(ids[key], target["example_id"]):
                 raise AttackDefinitionError(None, f"{attack}: model {key} has different examples per kind")
             ids[key] = target["example_id"]
-            value = statistic(target["value"], matrix_for(target, references, key), location, variance)
+            refs = ctx.references(key, "phi", kind, target["example_id"])
+            value = statistic(target["value"], refs, location, variance)
             totals[key] = value if key not in totals else totals[key] + value
     pieces = []
     for key, total in totals.items():
@@ -393,15 +290,13 @@ def rmia_attack(ctx, params: dict, attack: str, mode: str):
         raise AttackDefinitionError(None, f"{attack}: param gamma must be > 0 (got {gamma})")
     if not 0.0 <= a <= 1.0:
         raise AttackDefinitionError(None, f"{attack}: param a must be in [0, 1] (got {a})")
-    value = "exp(-loss) AS value"
-    references = read_references(ctx, value)
     pieces = []
-    for key, target in read_targets(ctx, value).items():
+    for key, target in ctx.targets("p_true").items():
         if len(target["example_id"]) < 2:
             raise AttackDefinitionError(
                 None, f"{attack}: model {key} has fewer than 2 examples (no population)"
             )
-        refs = matrix_for(target, references, key)
+        refs = ctx.references(key, "p_true", None, target["example_id"])
         pr_x = np.maximum(rmia_pr_x(refs, mode, a), np.finfo(np.float64).tiny)
         ratio = require_finite(attack, key, target["value"] / pr_x, "no reference model saw any example")
         pieces.append((key, target["example_id"], rmia_fraction(ratio, ratio, gamma, exclude_self=True)))
@@ -410,21 +305,24 @@ def rmia_attack(ctx, params: dict, attack: str, mode: str):
 
 # each signal oriented so that higher means "more likely a member" (Song & Mittal's features: conf, -H, -Mentr)
 THRESHOLD_FEATURES = {
-    "confidence": "CAST(confidence AS DOUBLE)",
-    "entropy": "-entropy",
-    "mentropy": "-mentropy",
-    "loss": "-loss",
-    "margin": "margin",
+    "confidence": ("confidence", 1.0),
+    "entropy": ("entropy", -1.0),
+    "mentropy": ("mentropy", -1.0),
+    "loss": ("loss", -1.0),
+    "margin": ("margin", 1.0),
 }
 # the privacy risk score bins the raw (positive) value, low = member
-RISK_FEATURES = {"mentropy": "mentropy", "entropy": "entropy", "loss": "loss"}
+RISK_FEATURES = {"mentropy": ("mentropy", 1.0), "entropy": ("entropy", 1.0), "loss": ("loss", 1.0)}
 
 
-def _per_class(ctx, value_sql: str):
-    """Per target: its rows, and per class of its examples the references' member and non-member values."""
-    references = read_references(ctx, f"{value_sql} AS value")
-    for key, target in read_targets(ctx, f"{value_sql} AS value").items():
-        refs = references.long(key)
+def _per_class(ctx, feature: tuple[str, float]):
+    """Per target: its rows, and per class of its examples the references' member and non-member values
+    (over every example the references have)."""
+    column, sign = feature
+    for key, target in ctx.targets(column).items():
+        target = {**target, "value": sign * target["value"]}
+        refs = ctx.references(key, column).long()
+        refs["value"] = sign * refs["value"]
         members = refs["is_member"].astype(bool)
         classes = []
         for label in np.unique(target["label"]):

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from robmia_db.attacks.definition import KIND_NEEDS, AttackDefinition
+from robmia_db.attacks.fleet import FleetCache, ReferenceMatrix, group_rows, references_of, target_arrays
 from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.errors import AttackDefinitionError, RobmiaError
 
@@ -34,25 +37,45 @@ class AttackStopped(RobmiaError):
 
 
 class AttackContext:
-    """What a Python attack sees: read-only SQL over `target` (and kind / reference relations) plus params."""
+    """What a Python attack sees: read-only SQL over `target` (and kind / reference relations) plus params,
+    and the same rows as arrays (`targets`, `references`) without a SQL round trip."""
 
-    def __init__(
-        self, con: duckdb.DuckDBPyConnection, units: list[ScoreUnit], params: dict[str, Any], path: str
-    ):
-        self._con = con
+    def __init__(self, sandbox: Sandbox, units: list[ScoreUnit], params: dict[str, Any], path: str):
+        self._sandbox = sandbox
         self._path = path
         self.units = units
         self.params = params
 
+    @property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        """The sandbox's own connection (opened on first use): it holds the batch's relations only."""
+        return self._sandbox.connection()
+
     def sql(self, query: str, params: dict[str, Any] | None = None) -> pa.Table:
-        check_single_select(self._con, query, self._path)
+        con = self._sandbox.connection()
+        check_single_select(con, query, self._path)
         try:
-            relation = self._con.sql(query, params=params) if params else self._con.sql(query)
+            relation = con.sql(query, params=params) if params else con.sql(query)
             return relation.to_arrow_table()
         except duckdb.Error as exc:
             raise AttackDefinitionError(
                 self._path, f"SQL failed: {str(exc).strip().splitlines()[0]}"
             ) from None
+
+    def targets(self, column: str, kind: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Per target model of this batch: example_id, label and `column` (see `fleet.DERIVED` / `STORED`)
+        sorted by example id, from `target` or from the relation of `kind`."""
+        name = kind or "target"
+        if name not in self._sandbox.relations:
+            raise AttackDefinitionError(self._path, f"has no {name} relation (declare it in needs)")
+        return target_arrays(self._sandbox.relations[name], column)
+
+    def references(
+        self, model_key: str, column: str, kind: str | None = None, example_id: np.ndarray | None = None
+    ) -> ReferenceMatrix:
+        """The reference models of target `model_key` (the fleet minus the target) as a [reference, example]
+        matrix over `example_id` (default: every example the references have), with their membership."""
+        return self._sandbox.relations.references(model_key, column, kind, example_id, self._path)
 
 
 def check_single_select(con: duckdb.DuckDBPyConnection, sql: str, path: str | None) -> None:
@@ -76,6 +99,8 @@ def read_relations(
     Target relations carry no labels. `reference` holds each reference model's rows once, with labels;
     it is never handed to an attack as is (see `batches`).
     """
+    if attack.needs_reference:
+        return _read_fleet_relations(store, attack, units)
     store.register("_units", _units_table(units))
     relations: dict[str, pa.Table] = {}
     try:
@@ -91,69 +116,180 @@ def read_relations(
                         JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.{kind}_perturbation"""
                 ).to_arrow_table()
             relations["target"] = relations[attack.signal_kind]
-        if attack.needs_reference:
-            references = sorted({ref for u in units for ref in u.references})
-            names = sorted(set(units[0].inputs.values()))
-            relations["reference"] = store.sql(
-                "SELECT * FROM v_signals WHERE model_key IN (SELECT unnest($refs)) "
-                "AND perturbation IN (SELECT unnest($names))",
-                params={"refs": references, "names": names},
-            ).to_arrow_table()
     finally:
         store.unregister("_units")
     return relations
 
 
+def _read_fleet_relations(
+    store: duckdb.DuckDBPyConnection, attack: AttackDefinition, units: list[ScoreUnit]
+) -> dict[str, pa.Table]:
+    """A fleet's targets are each other's references: their rows are read once, sorted by model (so that a
+    target's rows are one slice), and the target relations are those rows without `is_member`."""
+    targets = sorted({u.model_key for u in units})
+    references = sorted({ref for u in units for ref in u.references})
+    names = sorted(set(units[0].inputs.values()))  # a group's units share their inputs
+    rows = (
+        store.sql(
+            "SELECT * FROM v_signals WHERE model_key IN (SELECT unnest($models)) "
+            "AND perturbation IN (SELECT unnest($names)) ORDER BY model_key, perturbation, example_id",
+            params={"models": sorted(set(targets) | set(references)), "names": names},
+        )
+        .to_arrow_table()
+        .combine_chunks()
+    )
+    models = pa.array(sorted(set(targets) | set(references)), pa.string())
+
+    def only(keys: list[str]) -> pa.Array | None:  # None: every row (no copy)
+        return None if len(keys) == len(models) else pc.is_in(rows["model_key"], pa.array(keys, pa.string()))
+
+    is_reference = only(references)
+    relations = {"reference": rows if is_reference is None else rows.filter(is_reference)}
+    unlabelled = rows.drop_columns(["is_member"])
+    is_target = only(targets)
+    if attack.signal_kind is None:
+        relations["target"] = unlabelled if is_target is None else unlabelled.filter(is_target)
+    else:
+        for kind in (n for n in attack.needs if n in KIND_NEEDS):
+            same = pc.equal(rows["perturbation"], units[0].inputs[kind])
+            relations[kind] = unlabelled.filter(same if is_target is None else pc.and_(is_target, same))
+        relations["target"] = relations[attack.signal_kind]
+    return relations
+
+
+class Relations(Mapping[str, pa.Table]):
+    """The relations of one batch. Tables given as functions are built only when read (the per-target
+    `reference` relation is needed by SQL, not by attacks that read `references`); `fleet` holds the
+    group's reference rows as dense matrices, of which a target gets its own references only."""
+
+    def __init__(
+        self,
+        tables: dict[str, pa.Table | Callable[[], pa.Table]],
+        fleet: FleetCache | None = None,
+        units: list[ScoreUnit] | None = None,
+    ):
+        self._tables = dict(tables)
+        self._fleet = fleet
+        self._units = {unit.model_key: unit for unit in units or []}
+
+    def __getitem__(self, name: str) -> pa.Table:
+        table = self._tables[name]
+        if callable(table):
+            table = self._tables[name] = table()
+        return table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tables)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def references(
+        self, model_key: str, column: str, kind: str | None, example_id: np.ndarray | None, path: str
+    ) -> ReferenceMatrix:
+        if self._fleet is None:
+            raise AttackDefinitionError(path, 'reads references but does not declare "reference_models"')
+        if model_key not in self._units:
+            raise AttackDefinitionError(
+                path, f"asked for the references of model {model_key}, not a target of this sandbox"
+            )
+        fleet = self._fleet.matrix(column, kind)
+        ids = fleet.example_id if example_id is None else np.asarray(example_id)
+        return references_of(fleet, self._units[model_key].references, ids)
+
+
 def batches(
     attack: AttackDefinition, units: list[ScoreUnit], relations: dict[str, pa.Table]
-) -> Iterator[tuple[list[ScoreUnit], dict[str, pa.Table]]]:
+) -> Iterator[tuple[list[ScoreUnit], Relations]]:
     """Units to run together with their relations: all at once, or one target per sandbox with references."""
     if not attack.needs_reference:
-        yield units, relations
+        yield units, Relations(relations)
         return
+    fleet = FleetCache(relations["reference"])
+    rows = {
+        name: group_rows(table.column("model_key"))
+        for name, table in relations.items()
+        if name != "reference"
+    }
     for unit in units:
-        sliced = {
-            name: table.filter(pc.equal(table["model_key"], unit.model_key))
+        sliced: dict[str, pa.Table | Callable[[], pa.Table]] = {
+            name: _rows_of(table, rows[name].get(unit.model_key))
             for name, table in relations.items()
             if name != "reference"
         }
         if "target" not in sliced:  # kind attacks alias target to their last kind
             sliced["target"] = sliced[attack.signal_kind]
-        reference = relations["reference"]
-        reference = reference.filter(pc.is_in(reference["model_key"], pa.array(unit.references, pa.string())))
-        sliced["reference"] = reference.add_column(
-            0, "target_model_key", pa.repeat(pa.scalar(unit.model_key, pa.string()), reference.num_rows)
-        )
-        yield [unit], sliced
+        sliced["reference"] = partial(_reference_relation, relations["reference"], unit)
+        yield [unit], Relations(sliced, fleet, [unit])
 
 
-def open_sandbox(relations: dict[str, pa.Table], memory_limit: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection that holds only the attack's relations, with file access switched off.
+def _rows_of(table: pa.Table, rows: np.ndarray | None) -> pa.Table:
+    """The given rows: a zero-copy slice where they are contiguous (the fleet's rows are sorted by model)."""
+    if rows is None or not len(rows):
+        return table.slice(0, 0)
+    if rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
+        return table.slice(int(rows[0]), len(rows))
+    return table.combine_chunks().take(rows)
+
+
+def _reference_relation(reference: pa.Table, unit: ScoreUnit) -> pa.Table:
+    reference = reference.filter(pc.is_in(reference["model_key"], pa.array(unit.references, pa.string())))
+    return reference.add_column(
+        0, "target_model_key", pa.repeat(pa.scalar(unit.model_key, pa.string()), reference.num_rows)
+    )
+
+
+class Sandbox:
+    """An in-memory DuckDB connection that holds only the batch's relations, with file access switched off,
+    opened on the first SQL query (an attack reading arrays only never pays for it).
 
     The attack never touches the store's connection, so it cannot read membership, write, attach or
     read files: DuckDB refuses file access and the configuration (memory limit included) cannot be
     switched back.
     """
-    con = duckdb.connect(":memory:")
-    try:
-        con.execute("SET threads = 2")
-        con.execute(f"SET memory_limit = '{_memory_limit(memory_limit)}'")
-        for name, table in relations.items():
-            con.register(name, table)
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-    except BaseException:
-        con.close()
-        raise
-    return con
+
+    def __init__(self, relations: Mapping[str, pa.Table], memory_limit: str):
+        self.relations = relations if isinstance(relations, Relations) else Relations(dict(relations))
+        self._memory_limit = _memory_limit(memory_limit)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.Lock()
+
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._con is None:
+                con = duckdb.connect(":memory:")
+                try:
+                    con.execute("SET threads = 2")
+                    con.execute(f"SET memory_limit = '{self._memory_limit}'")
+                    for name in self.relations:
+                        con.register(name, self.relations[name])
+                    con.execute("SET enable_external_access = false")
+                    con.execute("SET lock_configuration = true")
+                except BaseException:
+                    con.close()
+                    raise
+                self._con = con
+            return self._con
+
+    def interrupt(self) -> None:
+        if self._con is not None:
+            self._con.interrupt()
+
+    def close(self) -> None:
+        """Close; a connection still busy with a stopped attack's query is left to its daemon thread."""
+        if self._con is not None:
+            try:
+                self._con.close()
+            except duckdb.Error:
+                pass
 
 
-def close_sandbox(con: duckdb.DuckDBPyConnection) -> None:
-    """Close a sandbox; one still busy with a stopped attack's query is left to its daemon thread."""
-    try:
-        con.close()
-    except duckdb.Error:
-        pass
+def open_sandbox(relations: Mapping[str, pa.Table], memory_limit: str) -> Sandbox:
+    return Sandbox(relations, memory_limit)
+
+
+def close_sandbox(sandbox: Sandbox) -> None:
+    sandbox.close()
 
 
 def _memory_limit(value: str) -> str:
@@ -213,41 +349,7 @@ def validate_result(
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise AttackDefinitionError(attack.path, f"result columns have wrong types: {exc}") from None
-    con = duckdb.connect(":memory:")
-    try:
-        con.register("r", table)
-        con.register("e", target.select(["model_key", "example_id"]))
-        unknown = con.sql("SELECT DISTINCT model_key FROM r WHERE model_key NOT IN (SELECT model_key FROM e)")
-        unknown = [row[0] for row in unknown.fetchall()]
-        if unknown:
-            raise AttackDefinitionError(
-                attack.path,
-                f"returned scores for a model it was not asked to score ({sorted(map(str, unknown))[0]})",
-            )
-        duplicate = con.sql(
-            "SELECT model_key, example_id FROM r GROUP BY ALL HAVING count(*) > 1 LIMIT 1"
-        ).fetchall()
-        if duplicate:
-            raise AttackDefinitionError(
-                attack.path,
-                f"returned the same (model_key, example_id) twice (model {names.get(duplicate[0][0])}, "
-                f"example {duplicate[0][1]})",
-            )
-        checks = con.sql(
-            """WITH expected AS (SELECT model_key, count(*) AS n FROM e GROUP BY ALL),
-                    got AS (
-                        SELECT r.model_key, count(*) AS n_rows,
-                               count(*) FILTER (WHERE x.example_id IS NULL) AS n_foreign,
-                               min(r.example_id) FILTER (WHERE x.example_id IS NULL) AS foreign_id,
-                               count(*) FILTER (WHERE r.score IS NULL OR NOT isfinite(r.score)) AS n_nonfinite
-                        FROM r LEFT JOIN e x ON x.model_key = r.model_key AND x.example_id = r.example_id
-                        GROUP BY ALL)
-               SELECT expected.model_key, expected.n, coalesce(got.n_rows, 0), coalesce(got.n_foreign, 0),
-                      got.foreign_id, coalesce(got.n_nonfinite, 0)
-               FROM expected LEFT JOIN got USING (model_key) ORDER BY expected.model_key"""
-        ).fetchall()
-    finally:
-        con.close()
+    checks = _result_checks(table, target, attack.path, names)
     nonfinite: dict[str, int] = {}
     for model_key, n_expected, n_rows, n_foreign, foreign_id, n_nonfinite in checks:
         model = f"model {names.get(model_key, model_key)}"
@@ -278,8 +380,66 @@ def validate_result(
     return table, nonfinite
 
 
+def _result_checks(
+    table: pa.Table, target: pa.Table, path: str, names: dict[str, str]
+) -> list[tuple[str, int, int, int, int | None, int]]:
+    """Per target model (sorted by key): expected rows, returned rows, rows with a foreign example id, the
+    smallest such id, non-finite scores. Refuses scores for other models and repeated (model, example)."""
+    value_set = pa.array(sorted(pc.unique(target["model_key"]).to_pylist()), pa.string())
+    code = pc.index_in(table["model_key"], value_set=value_set)
+    if code.null_count:
+        unknown = pc.unique(table["model_key"].filter(pc.is_null(code))).to_pylist()
+        raise AttackDefinitionError(
+            path, f"returned scores for a model it was not asked to score ({sorted(map(str, unknown))[0]})"
+        )
+    code = code.to_numpy(zero_copy_only=False).astype(np.int64)
+    expected_code = pc.index_in(target["model_key"], value_set=value_set).to_numpy(zero_copy_only=False)
+    # one int64 per (model, example id); a NULL example id matches nothing
+    ids = table["example_id"]
+    has_id = pc.is_valid(ids).to_numpy(zero_copy_only=False)
+    offset = np.int64(2**31)
+    ids = pc.fill_null(ids, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    pair = (code << 32) | (ids + offset)
+    expected = (expected_code.astype(np.int64) << 32) | (
+        target["example_id"].to_numpy(zero_copy_only=False).astype(np.int64) + offset
+    )
+    ordered = np.sort(pair[has_id])
+    repeated = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(repeated):
+        twice = int(ordered[repeated[0]])
+        model_key = str(value_set[twice >> 32])
+        raise AttackDefinitionError(
+            path,
+            f"returned the same (model_key, example_id) twice (model {names.get(model_key)}, "
+            f"example {(twice & 0xFFFFFFFF) - int(offset)})",
+        )
+    foreign = ~np.isin(pair, expected) | ~has_id
+    scores = table["score"]
+    bad = pc.fill_null(pc.invert(pc.is_finite(scores)), True).to_numpy(zero_copy_only=False)
+    n = len(value_set)
+    n_expected = np.bincount(expected_code, minlength=n)
+    n_rows = np.bincount(code, minlength=n)
+    n_foreign = np.bincount(code[foreign], minlength=n)
+    n_bad = np.bincount(code[bad], minlength=n)
+    checks = []
+    for i in range(n):
+        mine = foreign & has_id & (code == i) if n_foreign[i] else None
+        foreign_id = int(ids[mine].min()) if mine is not None and mine.any() else None
+        checks.append(
+            (
+                str(value_set[i]),
+                int(n_expected[i]),
+                int(n_rows[i]),
+                int(n_foreign[i]),
+                foreign_id,
+                int(n_bad[i]),
+            )
+        )
+    return checks
+
+
 def run_batch(
-    sandbox: duckdb.DuckDBPyConnection,
+    sandbox: Sandbox,
     attack: AttackDefinition,
     units: list[ScoreUnit],
     names: dict[str, str],
@@ -288,12 +448,13 @@ def run_batch(
     """Score a batch of units sharing their inputs; returns (model_key, example_id, score, perturbation)."""
     perturbation = units[0].perturbation
     if attack.language == "sql":
-        check_single_select(sandbox, attack.sql or "", attack.path)
+        con = sandbox.connection()
+        check_single_select(con, attack.sql or "", attack.path)
 
         def work() -> Any:
             try:
                 params = dict(attack.params)
-                relation = sandbox.sql(attack.sql, params=params) if params else sandbox.sql(attack.sql)
+                relation = con.sql(attack.sql, params=params) if params else con.sql(attack.sql)
                 return relation.to_arrow_table()
             except duckdb.Error as exc:
                 raise AttackDefinitionError(
@@ -317,7 +478,7 @@ def run_batch(
 
     label = names.get(units[0].model_key, units[0].model_key) if len(units) == 1 else f"{len(units)} models"
     result = guarded(sandbox, work, timeout_s, f"{attack.name} on {label} ({perturbation})", attack.path)
-    target = sandbox.sql("SELECT model_key, example_id FROM target").to_arrow_table()
+    target = sandbox.relations["target"].select(["model_key", "example_id"])
     table, nonfinite = validate_result(_as_arrow(result, attack.path), attack, target, names, perturbation)
     table = table.append_column(
         "perturbation", pa.repeat(pa.scalar(perturbation, pa.string()), table.num_rows)
@@ -325,9 +486,7 @@ def run_batch(
     return table, nonfinite
 
 
-def guarded(
-    con: duckdb.DuckDBPyConnection, work: Callable[[], Any], timeout_s: float, label: str, path: str
-) -> Any:
+def guarded(con: Sandbox, work: Callable[[], Any], timeout_s: float, label: str, path: str) -> Any:
     """Run `work` in a worker thread; on timeout or Ctrl-C interrupt its DuckDB query and give up within ~1 s.
 
     DuckDB runs a query in C without returning to Python, so a signal handler in the querying thread would
