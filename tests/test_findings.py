@@ -147,3 +147,44 @@ def test_spearman_matches_scipy_with_ties():
     got = spearman(x, y)
     want = [stats.spearmanr(a, b).statistic for a, b in zip(x, y)]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_width_trend_of_natural_models_keeps_each_attack_eps_apart():
+    """Natural models have no training eps: a model attacked at two eps gives two series, never a mixture,
+    and a model attacked at one eps only is not dropped (the Yale sweep store: width 1 holds PGD at 3 eps)."""
+    vectors = []
+    for width, strength in ((0.5, 0.4), (1.0, 0.8), (2.0, 1.2)):
+        for attack_eps in (0.1, 0.2) if width == 1.0 else (0.1,):
+            v = vec("natural", 0, "adversarial", strength, eps=attack_eps, width=width)
+            v.eps = None  # natural: attacked at attack_eps, trained without one
+            vectors.append(v)
+    rows = decisions(vectors, 5)
+    by_attack = {r["detail"].split("attack eps ")[1].split(";")[0]: r for r in rows}
+    assert sorted(by_attack) == ["0.1"]  # eps 0.2 has one width level only: no slope
+    assert by_attack["0.1"]["n"] == 3 and by_attack["0.1"]["decision"] == HELD
+
+
+def test_finding_3_compares_defenses_at_the_same_training_eps_only():
+    vectors = [vec("natural", s, "benign", 0.3) for s in range(2)]
+    vectors += [vec("ibp", s, "benign", 0.9) for s in range(2)]
+    vectors += [vec("pgd_at", s, "benign", 1.8) for s in range(2)]
+    vectors += [vec("pgd_at", s, "benign", 0.0, eps=0.2) for s in range(2)]  # another eps: not a part
+    rows = [r for r in decisions(vectors, 3) if r["detail"] != "ibp: all parts"]
+    assert len(rows) == 2, [r["detail"] for r in rows]
+    assert all("eps 0.1" in r["detail"] and "width 1.0" in r["detail"] for r in rows)
+    summary = [r for r in decisions(vectors, 3) if r["detail"] == "ibp: all parts"]
+    assert summary[0]["decision"] == HELD
+
+
+def test_finding_1_names_the_width_of_each_comparison():
+    vectors = []
+    for width in (0.5, 2.0):
+        vectors += [
+            vec("pgd_at", 0, "benign", 1.2, width=width),
+            vec("natural", 0, "benign", 0.3, width=width),
+        ]
+    details = sorted(r["detail"] for r in decisions(vectors, 1))
+    assert details == [
+        "pgd_at - natural, benign (cnn, width 0.5, eps 0.1)",
+        "pgd_at - natural, benign (cnn, width 2.0, eps 0.1)",
+    ]

@@ -92,15 +92,22 @@ def _own_eps(vectors: Sequence[ScoreVector]) -> list[ScoreVector]:
     return chosen
 
 
+def _at_own_eps(r: dict[str, Any]) -> bool:
+    """I_A / I_V as the paper defines them: at the (first) robust model's own training eps."""
+    return (
+        r["kind"] == "benign" or r["eps_a"] is None or _eps_key(r["perturbation_eps"]) == _eps_key(r["eps_a"])
+    )
+
+
 def robust_vs_natural(vectors, dataset, n_resamples, seed) -> list[dict[str, Any]]:
     rows = []
     for defense in sorted({v.defense for v in vectors} - {"natural", None}):
         for r in paired_rows(
             vectors, defense, "natural", n_resamples=n_resamples, n_permutations=1, seed=seed
         ):
-            if r["kind"] != "benign" and r["eps_a"] is not None and r["perturbation_eps"] != r["eps_a"]:
-                continue  # I_A / I_V as the paper defines them: at the robust model's own training eps
-            detail = f"{defense} - natural, {r['kind']} ({r['arch']}, eps {r['eps_a']})"
+            if not _at_own_eps(r):
+                continue
+            detail = f"{defense} - natural, {r['kind']} ({r['arch']}, width {r['width']}, eps {r['eps_a']})"
             rows.append(_row(dataset, 1, detail, r["difference"], r["ci_low"], r["ci_high"], r["n_pairs"]))
     return rows
 
@@ -137,10 +144,16 @@ def verifiable_between(vectors, dataset, n_resamples, seed) -> list[dict[str, An
             parts += paired_rows(
                 vectors, empirical, verifiable, n_resamples=n_resamples, n_permutations=1, seed=seed
             )
+        # one claim at one eps: both sides trained at the same eps, I_A / I_V at that eps
+        parts = [
+            r
+            for r in parts
+            if _at_own_eps(r) and (r["b"] == "natural" or _eps_key(r["eps_a"]) == _eps_key(r["eps_b"]))
+        ]
         part_rows = [
             _row(
-                dataset, 3, f"{r['a']} - {r['b']}, {r['kind']} ({r['arch']})", r["difference"], r["ci_low"],
-                r["ci_high"], r["n_pairs"], part_of=verifiable,
+                dataset, 3, f"{r['a']} - {r['b']}, {r['kind']} ({r['arch']}, width {r['width']}, eps {r['eps_a']})",
+                r["difference"], r["ci_low"], r["ci_high"], r["n_pairs"], part_of=verifiable,
             )
             for r in parts
         ]  # fmt: skip
@@ -191,15 +204,19 @@ def trend(vectors, dataset, axis: str, n_resamples, seed) -> list[dict[str, Any]
     """Findings 4 (axis 'eps') and 5 (axis 'width'): slope of leakage over the axis, per defense and kind."""
     finding = 4 if axis == "eps" else 5
     rows = []
-    own = [v for v in _own_eps(vectors) if v.defense not in (None,)]
+    # a model trained at an eps is attacked at its own eps; one trained without (natural) has no own eps, so
+    # each of its attack eps is its own series (one PGD eps per series, never a mixture)
+    untrained = [v for v in vectors if v.defense is not None and v.eps is None]
+    own = [v for v in _own_eps(vectors) if v.defense is not None and v.eps is not None] + untrained
     groups: dict[tuple, list[ScoreVector]] = {}
     for v in own:
-        if axis == "eps" and v.defense == "natural":
+        if axis == "eps" and v.eps is None:
             continue  # natural training ignores eps
         other = _eps_key(v.width) if axis == "eps" else _eps_key(v.eps)
-        groups.setdefault((v.defense, v.arch, other, v.kind), []).append(v)
+        attack_eps = _eps_key(v.perturbation_eps) if v.eps is None else None
+        groups.setdefault((v.defense, v.arch, other, v.kind, attack_eps), []).append(v)
     rng = np.random.default_rng([seed, finding])
-    for (defense, arch, other, kind), items in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (defense, arch, other, kind, attack_eps), items in sorted(groups.items(), key=lambda kv: str(kv[0])):
         x = np.array([float(getattr(v, axis)) for v in items])
         if np.unique(x).size < 2:
             continue
@@ -214,7 +231,8 @@ def trend(vectors, dataset, axis: str, n_resamples, seed) -> list[dict[str, Any]
         low, high = percentile_interval(boot, DEFAULT_CONFIDENCE)
         per_unit = "per unit of eps" if axis == "eps" else "per unit of width"
         other_name = "width" if axis == "eps" else "eps"
-        detail = f"{defense}, {kind} ({arch}, {other_name} {other}; {len(items)} models at {axis} {sorted(set(x.tolist()))}; slope {per_unit})"
+        attacked = f", attack eps {attack_eps}" if attack_eps is not None and kind != "benign" else ""
+        detail = f"{defense}, {kind} ({arch}, {other_name} {other}{attacked}; {len(items)} models at {axis} {sorted(set(x.tolist()))}; slope {per_unit})"
         rows.append(_row(dataset, finding, detail, estimate, low, high, len(items)))
     return rows
 
