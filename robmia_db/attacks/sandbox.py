@@ -253,6 +253,8 @@ class Sandbox:
         self._memory_limit = _memory_limit(memory_limit)
         self._con: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()
+        # set when a stopped attack's query outlived the grace period: closing its connection would wait for it
+        self.abandoned = False
 
     def connection(self) -> duckdb.DuckDBPyConnection:
         with self._lock:
@@ -277,7 +279,7 @@ class Sandbox:
 
     def close(self) -> None:
         """Close; a connection still busy with a stopped attack's query is left to its daemon thread."""
-        if self._con is not None:
+        if self._con is not None and not self.abandoned:
             try:
                 self._con.close()
             except duckdb.Error:
@@ -520,6 +522,7 @@ def guarded(con: Sandbox, work: Callable[[], Any], timeout_s: float, label: str,
         while thread.is_alive() and time.monotonic() < grace_end:
             con.interrupt()
             thread.join(0.05)
+        con.abandoned = thread.is_alive()
         raise AttackStopped(
             f"{path}: {label} {reason} after {time.monotonic() - started:.1f} s; nothing of this attack "
             "was stored"
