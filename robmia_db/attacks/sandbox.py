@@ -523,10 +523,12 @@ def guarded(con: Sandbox, work: Callable[[], Any], timeout_s: float, label: str,
             con.interrupt()
             thread.join(0.05)
         con.abandoned = thread.is_alive()
-        raise AttackStopped(
+        stopped = AttackStopped(
             f"{path}: {label} {reason} after {time.monotonic() - started:.1f} s; nothing of this attack "
             "was stored"
         )
+        stopped.abandoned_thread = con.abandoned
+        raise stopped
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

@@ -105,6 +105,12 @@ def handle_errors(func):
             text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
             for line in text.splitlines() or [type(exc).__name__]:
                 click.echo(f"Error: {safe(line)}", err=True)
+            if getattr(exc, "abandoned_thread", False):
+                # a stopped attack's query still runs in its daemon thread: interpreter shutdown could wait
+                # on its DuckDB connection, so leave at once (the store was never touched by it)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             sys.exit(1)
         except Exception as exc:
             if get_state().debug or "duckdb" not in type(exc).__module__:
