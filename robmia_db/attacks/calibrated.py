@@ -57,13 +57,7 @@ class Side:
 
 
 def side(refs: ReferenceMatrix, inside: bool) -> Side:
-    usable = refs.usable
-    member = usable & refs.is_member
-    n_in = member.sum(axis=0)
-    if inside:
-        return Side(member, n_in, np.zeros_like(n_in))
-    mask = usable & ~refs.is_member
-    return Side(mask, mask.sum(axis=0), n_in)
+    return Side(*refs.side(inside))
 
 
 def side_median(refs: ReferenceMatrix, s: Side) -> np.ndarray:
@@ -93,15 +87,14 @@ def fit_side(
     s = side(refs, inside)
     mean = side_mean(refs, s) if location == "mean" or variance == "per_example" else None
     loc = side_median(refs, s) if location == "median" else mean
-    # centred values of the side, zero elsewhere (in place: these are the largest arrays of an attack)
-    off = ~s.mask
-    centred = refs.values - np.where(s.count > 0, loc if variance == "global" else mean, 0.0)
-    np.copyto(centred, 0.0, where=off)
+    # centred values of the side, zero elsewhere (in place: these are the largest arrays of an attack); an
+    # example without entries on the side (NaN centre) has none of its entries in the mask
+    centre = loc if variance == "global" else mean
+    centred = np.subtract(refs.values, centre, out=np.zeros(refs.values.shape), where=s.mask)
     if variance == "global":
         total = int(s.count.sum())
         if total:
-            centred -= centred.sum() / total
-            np.copyto(centred, 0.0, where=off)
+            np.subtract(centred, centred.sum() / total, out=centred, where=s.mask)
             std = np.sqrt(np.square(centred, out=centred).sum() / total)
         else:
             std = np.nan

@@ -12,7 +12,9 @@ instead of re-sorted per target.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -127,30 +129,60 @@ def build_fleet_matrix(table: pa.Table, column: str) -> FleetMatrix:
     )
 
 
-@dataclass
 class ReferenceMatrix:
     """One target's reference values over its examples: values[r, n] (NaN where reference r lacks x), in
     reference-key order. `order` ([n, r]) sorts each example's references by (IN, OUT, unusable), then value;
-    computed here when not given."""
+    computed here when not given. `label` ([r, n], -1 where missing) may be given as a function, called on
+    first use (only the per-class attacks read it)."""
 
-    example_id: np.ndarray  # the target's examples, sorted
-    values: np.ndarray
-    is_member: np.ndarray  # [r, n] bool, False where missing
-    present: np.ndarray  # [r, n] bool
-    order: np.ndarray | None = None
-    label: np.ndarray | None = None  # [r, n] int, -1 where missing
+    def __init__(
+        self,
+        example_id: np.ndarray,
+        values: np.ndarray,
+        is_member: np.ndarray,
+        present: np.ndarray,
+        order: np.ndarray | None = None,
+        label: np.ndarray | Callable[[], np.ndarray] | None = None,
+        *,
+        members_checked: bool = False,
+    ):
+        self.example_id = example_id  # the target's examples, sorted
+        self.values = values
+        self.present = present  # [r, n] bool
+        # [r, n] bool, False where missing (`members_checked`: the caller's matrix already is)
+        self.is_member = is_member if members_checked else is_member & present
+        self.order = side_order(values, self.is_member, present) if order is None else order
+        self._label = label
+        self._usable: np.ndarray | None = None
+        self._sides: dict[bool, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def __post_init__(self) -> None:
-        self.is_member = self.is_member & self.present
-        if self.order is None:
-            self.order = side_order(self.values, self.is_member, self.present)
+    @property
+    def label(self) -> np.ndarray | None:
+        if callable(self._label):
+            self._label = self._label()
+        return self._label
 
     @property
     def usable(self) -> np.ndarray:
         """Present and not NaN (what nanmedian / nanstd would count), computed once."""
-        if getattr(self, "_usable", None) is None:
+        if self._usable is None:
             self._usable = self.present & ~np.isnan(self.values)
         return self._usable
+
+    def side(self, inside: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mask, count per example, start in `order`) of the usable IN (or OUT) entries, computed once per
+        side: LiRA's two fits and their means share them."""
+        if inside not in self._sides:
+            usable = self.usable
+            if True not in self._sides:
+                member = usable & self.is_member
+                n_in = member.sum(axis=0)
+                self._sides[True] = (member, n_in, np.zeros_like(n_in))
+            if not inside:
+                member, n_in, _ = self._sides[True]
+                mask = usable ^ member  # member is a subset of usable: the usable non-members
+                self._sides[False] = (mask, mask.sum(axis=0), n_in)
+        return self._sides[inside]
 
     @property
     def inside(self) -> np.ndarray:
@@ -176,31 +208,46 @@ def references_of(fleet: FleetMatrix, reference_keys: list[str], example_id: np.
     cut out of the fleet: their rows, and the fleet's per-example order with every other model removed."""
     rank = {key: i for i, key in enumerate(fleet.model_keys)}
     rows = np.array(sorted(rank[k] for k in set(reference_keys) if k in rank), dtype=np.int64)
-    if np.array_equal(example_id, fleet.example_id):
-        col: slice | np.ndarray = slice(None)
-        known = None
-    else:
+    if not np.array_equal(example_id, fleet.example_id):
         col = np.minimum(np.searchsorted(fleet.example_id, example_id), max(len(fleet.example_id) - 1, 0))
         known = (
             fleet.example_id[col] == example_id if len(fleet.example_id) else np.zeros(len(example_id), bool)
         )
-    values = fleet.values[rows][:, col]
-    present = fleet.present[rows][:, col]
-    is_member = fleet.is_member[rows][:, col]
-    label = fleet.label[rows][:, col]
-    if known is not None:
-        present &= known[None, :]
-        values = np.where(present, values, np.nan)
-        is_member &= present
-        label = np.where(present, label, -1)
-        return ReferenceMatrix(example_id, values, is_member, present, None, label)
-    keep = np.zeros(len(fleet.model_keys), bool)
-    keep[rows] = True
-    position = np.full(len(fleet.model_keys), -1, dtype=np.int32)
-    position[rows] = np.arange(len(rows), dtype=np.int32)
+        present = fleet.present[rows][:, col] & known[None, :]
+        values = np.where(present, fleet.values[rows][:, col], np.nan)
+        is_member = fleet.is_member[rows][:, col] & present
+        label = np.where(present, fleet.label[rows][:, col], -1)
+        return ReferenceMatrix(example_id, values, is_member, present, None, label, members_checked=True)
+    n_models = len(fleet.model_keys)
     full = fleet.order
-    order = position[full[keep[full]].reshape(len(example_id), len(rows))]
-    return ReferenceMatrix(example_id, values, is_member, present, order, label)
+    if len(rows) == n_models - 1:
+        # leave-one-out (the usual case): one copy of each matrix without the missing row, whose entry is
+        # dropped from every example's order and the later ranks shifted down
+        t = int(np.setdiff1d(np.arange(n_models), rows)[0])
+        values, present, is_member = (
+            np.delete(a, t, axis=0) for a in (fleet.values, fleet.present, fleet.is_member)
+        )
+        order = full[full != t].reshape(len(example_id), len(rows))
+        order -= order > t
+    else:
+        values, present, is_member = (
+            np.take(a, rows, axis=0) for a in (fleet.values, fleet.present, fleet.is_member)
+        )
+        keep = np.zeros(n_models, bool)
+        keep[rows] = True
+        position = np.full(n_models, -1, dtype=np.int32)
+        position[rows] = np.arange(len(rows), dtype=np.int32)
+        order = position[full[keep[full]].reshape(len(example_id), len(rows))]
+    # the fleet's membership is already False where a model lacks the example
+    return ReferenceMatrix(
+        example_id,
+        values,
+        is_member,
+        present,
+        order,
+        partial(np.take, fleet.label, rows, 0),
+        members_checked=True,
+    )
 
 
 class FleetCache:
