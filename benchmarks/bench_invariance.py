@@ -41,8 +41,9 @@ GROUP BY t.model_key, t.example_id, t.loss
 """
 
 
-def one_batch(attack, units, relations):
-    """The former batching: all targets in one sandbox, every target's references side by side."""
+def one_batch(attack, units, relations, calibration_models=0):
+    """The former batching: all targets in one sandbox, every target's references side by side (and no
+    nested calibration: both sides are timed with `calibration_models=0`)."""
     if not attack.needs_reference:
         yield units, relations
         return
@@ -80,7 +81,8 @@ def timed(db: Path, attack: str | Path, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        (outcome,) = scoring.score_attacks(db, [attack], force=True)
+        # no nested leave-one-out calibration on either side: the former batching had none
+        (outcome,) = scoring.score_attacks(db, [attack], force=True, calibration_models=0)
         best = min(best, time.perf_counter() - started)
         assert outcome.scored > 0 and not outcome.skipped
     return best

@@ -496,6 +496,59 @@ def test_report_pools_each_attacks_roc_over_a_defenses_models(fleet: Fleet):
     assert len(lira["curves"]) == len(PERTURBATIONS)  # one defense (imported) x three perturbations
 
 
+ROWS_ATTACK = """
+import numpy as np
+
+ATTACK = {"title": "rows as arrays equal the SQL relations", "needs": ["signal", "reference_models"]}
+COLUMNS = ["loss", "probs", "confidence", "mentropy"]
+
+
+def same(got, table, name):
+    want = table.column(name)
+    if name == "probs":
+        want = want.combine_chunks()
+        want = want.flatten().to_numpy().reshape(len(want), -1).astype(np.float64)
+    else:
+        want = want.to_numpy(zero_copy_only=False)
+    if got[name].dtype == object:
+        want = want.astype(object)
+    if got[name].shape != want.shape or not np.array_equal(got[name], want):
+        raise ValueError(f"{name} differs from the SQL relation")
+
+
+def score(ctx, params):
+    targets = ctx.target_rows(COLUMNS)
+    sql = ctx.sql("SELECT * FROM target ORDER BY example_id")
+    (key,) = targets
+    for name in ["example_id", "label", *COLUMNS]:
+        same(targets[key], sql, name)
+    refs = ctx.reference_rows(key, COLUMNS)
+    sql = ctx.sql("SELECT * FROM reference ORDER BY model_key, example_id")
+    if key in set(refs["model_key"]) or len(refs["model_key"]) != sql.num_rows:
+        raise ValueError("reference rows hold the target or miss rows")
+    for name in ["model_key", "example_id", "label", "is_member", *COLUMNS]:
+        same(refs, sql, name)
+    return {"model_key": [key] * len(targets[key]["example_id"]), "example_id": targets[key]["example_id"],
+            "score": -targets[key]["loss"]}
+"""
+
+
+def test_reference_rows_are_the_reference_relation_without_the_target(fleet: Fleet, tmp_path: Path):
+    """`ctx.target_rows` / `ctx.reference_rows` (what attack_model and shokri read, without SQL) hold
+    exactly the rows, order and values of the sandbox's `target` / `reference` relations (the attack
+    raises otherwise), and never a row of the target."""
+    db = tmp_path / "rows.duckdb"
+    shutil.copy2(fleet.db, db)
+    attack = tmp_path / "rows_equal_sql.py"
+    attack.write_text(ROWS_ATTACK)
+    (outcome,) = score_attacks(db, [attack], calibration_models=2, resamples=0)
+    assert outcome.scored == len(fleet.keys) * len(PERTURBATIONS) and not outcome.skipped
+    for key in fleet.keys[:2]:
+        loss = query(db, "SELECT loss FROM v_signals WHERE model_key = $k AND perturbation = 'benign' "
+                     "ORDER BY example_id", k=key)  # fmt: skip
+        np.testing.assert_array_equal(stored(db, "rows_equal_sql", key, "benign"), [-r["loss"] for r in loss])
+
+
 def test_shokri_trains_one_attack_model_per_class_on_the_references_only(fleet: Fleet):
     """Restated with scikit-learn on the fleet's float32 probability vectors: per target and class, an MLP
     on the other models' members vs non-members of that class (balanced by the same seeded subsample)."""

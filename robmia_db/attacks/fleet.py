@@ -67,6 +67,35 @@ def value_column(table: pa.Table, column: str) -> np.ndarray:
     return phi
 
 
+def row_column(table: pa.Table, column: str) -> np.ndarray:
+    """One column of rows as numpy: `probs` as a [row, class] float64 matrix, `label` and `example_id` as
+    integers, anything else as `value_column`."""
+    if column == "probs":
+        probs = table.column("probs").combine_chunks()
+        return probs.flatten().to_numpy(zero_copy_only=False).reshape(len(probs), -1).astype(np.float64)
+    if column in ("label", "example_id"):
+        return table.column(column).to_numpy(zero_copy_only=False)
+    return value_column(table, column)
+
+
+def check_row_columns(columns: list[str] | tuple[str, ...]) -> list[str]:
+    for column in columns:
+        if column not in ("probs", "label", "example_id"):
+            check_column(column)
+    return list(columns)
+
+
+def target_rows(table: pa.Table, columns: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per target model: example_id, label and each of `columns` (see `row_column`), sorted by example id."""
+    columns = check_row_columns(columns)
+    out = {}
+    for key, rows in sorted(group_rows(table.column("model_key")).items()):
+        mine = table.take(rows)
+        order = np.argsort(mine.column("example_id").to_numpy(zero_copy_only=False), kind="stable")
+        out[key] = {c: row_column(mine, c)[order] for c in dict.fromkeys(["example_id", "label", *columns])}
+    return out
+
+
 def target_arrays(table: pa.Table, column: str) -> dict[str, dict[str, np.ndarray]]:
     """Per target model: example_id, label and value sorted by example id (target relations carry no
     membership)."""
@@ -257,6 +286,30 @@ class FleetCache:
     def __init__(self, reference: pa.Table):
         self._reference = reference
         self._matrices: dict[tuple[str, str | None], FleetMatrix] = {}
+
+    def rows(self, models: list[str], columns: list[str], kind: str | None) -> dict[str, np.ndarray]:
+        """The rows of `models` (a target's references) in (model key, example id) order: model_key,
+        example_id, label, is_member and each of `columns` (see `row_column`)."""
+        columns = check_row_columns(columns)
+        table = self._reference
+        keep = pc.is_in(table["model_key"], pa.array(sorted(set(models)), pa.string()))
+        if kind is not None:
+            keep = pc.and_(keep, pc.equal(table["kind"], kind))
+        table = table.filter(keep)
+        model = table.column("model_key").combine_chunks()
+        codes = pc.dictionary_encode(model)
+        rank = np.argsort(np.argsort(np.array(codes.dictionary.to_pylist(), dtype=object), kind="stable"))
+        order = np.lexsort(
+            (
+                table.column("example_id").to_numpy(zero_copy_only=False),
+                rank[codes.indices.to_numpy(zero_copy_only=False)],
+            )
+        )
+        out = {"model_key": np.asarray(model.to_numpy(zero_copy_only=False), dtype=object)[order]}
+        out["is_member"] = table.column("is_member").to_numpy(zero_copy_only=False).astype(bool)[order]
+        for column in dict.fromkeys(["example_id", "label", *columns]):
+            out[column] = row_column(table, column)[order]
+        return out
 
     def matrix(self, column: str, kind: str | None) -> FleetMatrix:
         key = (check_column(column), kind)

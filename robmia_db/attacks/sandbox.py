@@ -21,7 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from robmia_db.attacks.definition import KIND_NEEDS, AttackDefinition
-from robmia_db.attacks.fleet import FleetCache, ReferenceMatrix, group_rows, references_of, target_arrays
+from robmia_db.attacks.fleet import (
+    FleetCache,
+    ReferenceMatrix,
+    group_rows,
+    references_of,
+    target_arrays,
+    target_rows,
+)
 from robmia_db.attacks.nested_calibration import calibration_units
 from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.errors import AttackDefinitionError, RobmiaError
@@ -77,6 +84,20 @@ class AttackContext:
         """The reference models of target `model_key` (the fleet minus the target) as a [reference, example]
         matrix over `example_id` (default: every example the references have), with their membership."""
         return self._sandbox.relations.references(model_key, column, kind, example_id, self._path)
+
+    def target_rows(self, columns: list[str], kind: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """`targets` for several columns at once, `probs` included (a [row, class] float64 matrix)."""
+        name = kind or "target"
+        if name not in self._sandbox.relations:
+            raise AttackDefinitionError(self._path, f"has no {name} relation (declare it in needs)")
+        return target_rows(self._sandbox.relations[name], list(columns))
+
+    def reference_rows(
+        self, model_key: str, columns: list[str], kind: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """The rows of target `model_key`'s reference models (never the target's own), one per (reference,
+        example) in (model key, example id) order: model_key, example_id, label, is_member and `columns`."""
+        return self._sandbox.relations.reference_rows(model_key, list(columns), kind, self._path)
 
 
 def check_single_select(con: duckdb.DuckDBPyConnection, sql: str, path: str | None) -> None:
@@ -197,6 +218,22 @@ class Relations(Mapping[str, pa.Table]):
         fleet = self._fleet.matrix(column, kind)
         ids = fleet.example_id if example_id is None else np.asarray(example_id)
         return references_of(fleet, self._units[model_key].references, ids)
+
+    def _unit(self, model_key: str, path: str) -> ScoreUnit:
+        if self._fleet is None:
+            raise AttackDefinitionError(path, 'reads references but does not declare "reference_models"')
+        if model_key not in self._units:
+            raise AttackDefinitionError(
+                path, f"asked for the references of model {model_key}, not a target of this sandbox"
+            )
+        return self._units[model_key]
+
+    def reference_rows(
+        self, model_key: str, columns: list[str], kind: str | None, path: str
+    ) -> dict[str, np.ndarray]:
+        unit = self._unit(model_key, path)
+        assert self._fleet is not None
+        return self._fleet.rows(unit.references, columns, kind)
 
 
 def batches(

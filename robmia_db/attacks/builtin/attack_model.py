@@ -18,12 +18,12 @@ ATTACK = {
     ),
 }
 
-FEATURES = "probs, label, CAST(confidence AS DOUBLE) AS confidence, loss, entropy, mentropy, margin"
+FEATURES = ["probs", "confidence", "loss", "entropy", "mentropy", "margin"]
 
 
-def _features(frame) -> np.ndarray:
-    probs = np.sort(np.stack(frame["probs"].to_numpy()).astype(np.float64), axis=1)[:, ::-1]
-    scalars = frame[["confidence", "loss", "entropy", "mentropy", "margin"]].to_numpy(np.float64)
+def _features(rows: dict[str, np.ndarray]) -> np.ndarray:
+    probs = np.sort(rows["probs"], axis=1)[:, ::-1]
+    scalars = np.stack([rows[name] for name in FEATURES[1:]], axis=1)
     return np.nan_to_num(np.concatenate([probs, scalars], axis=1), posinf=1e6, neginf=-1e6)
 
 
@@ -31,12 +31,10 @@ def score(ctx, params):
     from sklearn.ensemble import HistGradientBoostingClassifier
     from threadpoolctl import threadpool_limits
 
-    target = ctx.sql(f"SELECT model_key, example_id, {FEATURES} FROM target").to_pandas()
-    reference = ctx.sql(f"SELECT target_model_key, is_member, {FEATURES} FROM reference").to_pandas()
     pieces = []
-    for model_key, rows in target.groupby("model_key", sort=False):
-        refs = reference[reference["target_model_key"] == model_key]
-        labels = refs["is_member"].to_numpy(bool)
+    for model_key, rows in ctx.target_rows(FEATURES).items():
+        refs = ctx.reference_rows(model_key, FEATURES)  # this target's references only
+        labels = refs["is_member"]
         # balance the classes by subsampling the larger one (class_weight makes the fit 20x slower)
         rng = np.random.default_rng(int(params["seed"]))
         members, nonmembers = np.flatnonzero(labels), np.flatnonzero(~labels)
@@ -46,7 +44,7 @@ def score(ctx, params):
                 [rng.choice(members, size, replace=False), rng.choice(nonmembers, size, replace=False)]
             )
         )
-        refs, labels = refs.iloc[keep], labels[keep]
+        refs, labels = {name: refs[name][keep] for name in FEATURES}, labels[keep]
         classifier = HistGradientBoostingClassifier(
             max_iter=int(params["max_iter"]), random_state=int(params["seed"])
         )
@@ -59,8 +57,8 @@ def score(ctx, params):
         pieces.append(
             pa.table(
                 {
-                    "model_key": rows["model_key"].to_numpy(),
-                    "example_id": rows["example_id"].to_numpy(),
+                    "model_key": pa.repeat(pa.scalar(model_key, pa.string()), len(member_scores)),
+                    "example_id": rows["example_id"],
                     "score": member_scores,
                 }
             )

@@ -39,11 +39,6 @@ def _fit_and_score(train_x, train_y, test_x, params) -> np.ndarray:
     return model.predict_proba(test_x)[:, list(model.classes_).index(True)]
 
 
-def _probs(table) -> np.ndarray:
-    column = table.column("probs").combine_chunks()
-    return column.flatten().to_numpy().reshape(len(column), -1).astype(np.float64)
-
-
 def score(ctx, params):
     import warnings
 
@@ -51,25 +46,26 @@ def score(ctx, params):
     from sklearn.exceptions import ConvergenceWarning
     from threadpoolctl import threadpool_limits
 
-    target = ctx.sql("SELECT model_key, example_id, label, probs FROM target ORDER BY model_key, example_id")
-    reference = ctx.sql(
-        "SELECT target_model_key, label, is_member, probs FROM reference ORDER BY target_model_key, model_key, example_id"
-    )
-    t_keys = np.asarray(target.column("model_key").to_pylist())
-    t_labels = target.column("label").to_numpy()
-    t_probs = _probs(target)
-    r_keys = np.asarray(reference.column("target_model_key").to_pylist())
-    r_labels = reference.column("label").to_numpy()
-    r_members = reference.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
-    r_probs = _probs(reference)
-    scores = np.full(len(t_keys), np.nan)
+    pieces = []
     # one thread: OpenMP threads spin on shared cores; the attack models here are small
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for key in np.unique(t_keys):
-            own = r_keys == key  # this target's references only: never its own membership
-            for label in np.unique(t_labels[t_keys == key]):
-                rows = (t_keys == key) & (t_labels == label)
-                train = own & (r_labels == label)
-                scores[rows] = _fit_and_score(r_probs[train], r_members[train], t_probs[rows], params)
-    return pa.table({"model_key": t_keys, "example_id": target.column("example_id"), "score": scores})
+        for key, target in ctx.target_rows(["probs"]).items():
+            refs = ctx.reference_rows(key, ["probs"])  # this target's references only: never its membership
+            scores = np.full(len(target["example_id"]), np.nan)
+            for label in np.unique(target["label"]):
+                rows = target["label"] == label
+                train = refs["label"] == label
+                scores[rows] = _fit_and_score(
+                    refs["probs"][train], refs["is_member"][train], target["probs"][rows], params
+                )
+            pieces.append(
+                pa.table(
+                    {
+                        "model_key": pa.repeat(pa.scalar(key, pa.string()), len(scores)),
+                        "example_id": target["example_id"],
+                        "score": scores,
+                    }
+                )
+            )
+    return pa.concat_tables(pieces)
