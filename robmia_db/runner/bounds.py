@@ -18,13 +18,13 @@ from torch import Tensor, nn
 
 from robmia_db.runner.bounds_core import (
     _check_labels,
-    _ibp_elided,
     _input_box,
     _interval_pass,
     _model_dtype,
     _Network,
     check_supported,
 )
+from robmia_db.runner.bounds_interval import elided_margins, interval_last
 from robmia_db.runner.bounds_linear import _final_backward, _ibp_relaxations, _linear_relaxations
 from robmia_db.runner.bounds_projected import projected_relaxations
 from robmia_db.runner.bounds_zonotope import _zonotope_margins
@@ -60,7 +60,8 @@ def interval_bounds(
     """
     net = _Network.build(model, x)
     box = _input_box(x, eps, x_min, x_max, _model_dtype(model))
-    return _interval_pass(net, *box, upto=len(net.layers), keep_all=False)[-1]
+    center_radius, a, b, _ = interval_last(net, *box, upto=len(net.layers), owned=True)
+    return (a - b, a + b) if center_radius else (a, b)
 
 
 def margin_lower_bounds(
@@ -101,7 +102,7 @@ def margin_lower_bounds(
     box_lower, box_upper = _input_box(x, eps, x_min, x_max, _model_dtype(model))
     penultimate = len(net.layers) - 1
     if method == "ibp":
-        return _ibp_elided(net, _interval_pass(net, box_lower, box_upper, penultimate, keep_all=False), y)
+        return elided_margins(net, interval_last(net, box_lower, box_upper, penultimate, owned=True), y)
     if method == "crown_ibp":
         bounds = _interval_pass(net, box_lower, box_upper, penultimate)
         return _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)
@@ -184,7 +185,7 @@ def crown_ibp_margin_bounds(
     y = _check_labels(y, x, net.layers[-1].out_features)
     box_lower, box_upper = _input_box(x, eps, x_min, x_max, _model_dtype(model))
     bounds = _interval_pass(net, box_lower, box_upper, len(net.layers) - 1)
-    ibp = _ibp_elided(net, bounds, y) if beta < 1.0 else None
+    ibp = elided_margins(net, (False, *bounds[-1], None), y) if beta < 1.0 else None
     if beta == 0.0:
         return ibp
     crown = _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)
