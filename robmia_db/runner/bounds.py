@@ -60,8 +60,8 @@ def interval_bounds(
     """
     net = _Network.build(model, x)
     box = _input_box(x, eps, x_min, x_max, _model_dtype(model))
-    center_radius, a, b, _ = interval_last(net, *box, upto=len(net.layers), owned=True)
-    return (a - b, a + b) if center_radius else (a, b)
+    total, difference, _ = interval_last(net, *box, upto=len(net.layers))
+    return (total - difference) * 0.5, (total + difference) * 0.5
 
 
 def margin_lower_bounds(
@@ -102,7 +102,7 @@ def margin_lower_bounds(
     box_lower, box_upper = _input_box(x, eps, x_min, x_max, _model_dtype(model))
     penultimate = len(net.layers) - 1
     if method == "ibp":
-        return elided_margins(net, interval_last(net, box_lower, box_upper, penultimate, owned=True), y)
+        return elided_margins(net, interval_last(net, box_lower, box_upper, penultimate), y)
     if method == "crown_ibp":
         bounds = _interval_pass(net, box_lower, box_upper, penultimate)
         return _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)
@@ -185,7 +185,8 @@ def crown_ibp_margin_bounds(
     y = _check_labels(y, x, net.layers[-1].out_features)
     box_lower, box_upper = _input_box(x, eps, x_min, x_max, _model_dtype(model))
     bounds = _interval_pass(net, box_lower, box_upper, len(net.layers) - 1)
-    ibp = elided_margins(net, (False, *bounds[-1], None), y) if beta < 1.0 else None
+    lower, upper = bounds[-1]
+    ibp = elided_margins(net, (upper + lower, upper - lower, None), y) if beta < 1.0 else None
     if beta == 0.0:
         return ibp
     crown = _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)

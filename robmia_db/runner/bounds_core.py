@@ -161,7 +161,10 @@ def _input_box(
             raise ValueError("eps must be >= 0")
     elif eps < 0:
         raise ValueError(f"eps must be >= 0 (got {eps})")
-    return (x - eps).clamp(min=x_min, max=x_max), (x + eps).clamp(min=x_min, max=x_max)
+    if torch.is_grad_enabled() and (x.requires_grad or (torch.is_tensor(eps) and eps.requires_grad)):
+        return (x - eps).clamp(min=x_min, max=x_max), (x + eps).clamp(min=x_min, max=x_max)
+    # Clamped in place: two fresh input-sized tensors less (page faults on CPU) per bound call.
+    return (x - eps).clamp_(min=x_min, max=x_max), (x + eps).clamp_(min=x_min, max=x_max)
 
 
 def channels_last(t: Tensor) -> Tensor:
