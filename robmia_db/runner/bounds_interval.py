@@ -34,7 +34,9 @@ def _cached(key: tuple, layer: nn.Module, make) -> tuple[Tensor | None, ...]:
     """Tensors derived from a layer's weight and bias, remade only when either changes.
 
     Never cached while autograd tracks them (the result must carry the graph). The version counters move
-    with every in-place update (optimizer steps); `.to()` and `.data =` give new memory, a new data pointer.
+    with every in-place update (optimizer steps, `load_state_dict`); `.to()` and `.data =` give new memory,
+    a new data pointer. Not seen: an in-place edit through `p.data` (it bypasses the version counter, as
+    PyTorch documents); edit parameters in place under `torch.no_grad()` instead, as the runner does.
     """
     parameters = [t for t in (layer.weight, layer.bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in parameters):
