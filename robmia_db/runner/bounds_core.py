@@ -196,8 +196,9 @@ def _interval_step(layer: nn.Module, lower: Tensor, upper: Tensor) -> tuple[Tens
     # Centre/radius form (as in Gowal et al.): one affine call plus one on |W|, instead of four. The 1/2 of
     # centre and radius is folded into the (small) weights, which saves two passes over the activations.
     half = layer.weight * 0.5
-    center = _affine(layer, upper + lower, weight=half)
-    radius = _affine(layer, upper - lower, weight=half.abs(), with_bias=False)
+    # channels_last again: sums of one-channel maps come back with NCHW strides (and NCHW outputs).
+    center = _affine(layer, channels_last(upper + lower), weight=half)
+    radius = _affine(layer, channels_last(upper - lower), weight=half.abs(), with_bias=False)
     lower = center - radius
     return lower, center.add_(radius)  # the convolution's backward needs its inputs, not its output
 
