@@ -60,7 +60,7 @@ def interval_bounds(
     """
     net = _Network.build(model, x)
     box = _input_box(x, eps, x_min, x_max, _model_dtype(model))
-    total, difference, _ = interval_last(net, *box, upto=len(net.layers))
+    total, difference, _ = interval_last(net, *box, upto=len(net.layers), owned=True)
     return (total - difference) * 0.5, (total + difference) * 0.5
 
 
@@ -102,7 +102,7 @@ def margin_lower_bounds(
     box_lower, box_upper = _input_box(x, eps, x_min, x_max, _model_dtype(model))
     penultimate = len(net.layers) - 1
     if method == "ibp":
-        return elided_margins(net, interval_last(net, box_lower, box_upper, penultimate), y)
+        return elided_margins(net, interval_last(net, box_lower, box_upper, penultimate, owned=True), y)
     if method == "crown_ibp":
         bounds = _interval_pass(net, box_lower, box_upper, penultimate)
         return _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)

@@ -178,8 +178,10 @@ def channels_last(t: Tensor) -> Tensor:
 
 
 def _model_dtype(model: nn.Sequential) -> torch.dtype:
-    for parameter in model.parameters():
-        return parameter.dtype
+    # The layers' own weights: `model.parameters()` walks every submodule (about 10 us per bound call).
+    for layer in model:
+        if _is_affine(layer):
+            return layer.weight.dtype
     return torch.get_default_dtype()
 
 
@@ -252,6 +254,8 @@ def _check_labels(y: Tensor, x: Tensor, num_classes: int) -> Tensor:
     y = y.to(device=x.device, dtype=torch.long)
     # On an accelerator the range check would cost a host sync per batch; there an out-of-range label
     # fails the indexing kernel instead (an error as well, though a less readable one).
-    if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+    if y.device.type == "cpu" and y.numel():
+        smallest, largest = (int(v) for v in torch.aminmax(y))
+        if smallest < 0 or largest >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got [{smallest}, {largest}]")
     return y

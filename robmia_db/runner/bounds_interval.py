@@ -85,9 +85,12 @@ def _apply(layer: nn.Module, inputs: Tensor, weight: Tensor, bias: Tensor | None
 
 
 def interval_last(
-    net: _Network, lower: Tensor, upper: Tensor, upto: int
+    net: _Network, lower: Tensor, upper: Tensor, upto: int, owned: bool = False
 ) -> tuple[Tensor, Tensor, tuple[int, int, int] | None]:
     """Interval bounds of h_upto only, as (u + l, u - l): twice the centre and twice the radius.
+
+    Args:
+        owned: the box (lower, upper) is the caller's no longer, and may be overwritten.
 
     Returns:
         (sum, difference, order): `order` is the (C, H, W) of a flattened channels-last map whose (H, W, C)
@@ -96,12 +99,13 @@ def interval_last(
     # Twice the centre and radius throughout: an affine layer maps them with W, |W| and 2 b, and a ReLU
     # maps them in four passes: with upper = relu((s + d) / 2), s' = max(upper, s) and d' = min(upper, d)
     # (where the lower end is active these are s and d; where it is cut, both are the upper end).
-    lower, upper = channels_last(lower), channels_last(upper)
-    total, difference = upper + lower, upper - lower
-    order = None
     # Without autograd the maps made here are overwritten once dead: each fresh multi-MB tensor costs page
     # faults on CPU, about as much as a pass over it.
     reuse = not torch.is_grad_enabled()
+    lower, upper = channels_last(lower), channels_last(upper)
+    total = upper + lower
+    difference = upper.sub_(lower) if owned and reuse else upper - lower
+    order = None
     for layer in net.layers[:upto]:
         if isinstance(layer, nn.Flatten):
             if total.dim() == 4 and total.is_contiguous(memory_format=torch.channels_last):
