@@ -9,6 +9,7 @@ parameter version, and merges the last layer with the margin specs by one produc
 from __future__ import annotations
 
 import copy
+import gc
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from bound_models import cnn28, numpy_intervals
 from torch import nn
 
+from robmia_db.runner import bounds_interval
 from robmia_db.runner.bounds import interval_bounds, margin_lower_bounds
 
 torch.set_num_threads(1)
@@ -188,3 +190,14 @@ def test_channels_last_and_noncontiguous_inputs_give_the_same_bounds() -> None:
         strided = margin_lower_bounds(model, torch.cat([x, x], 3)[..., : x.shape[3]], y, EPS, "ibp")
     torch.testing.assert_close(channels_last, plain, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(strided, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_cached_weights_leave_with_their_model() -> None:
+    model, x, y = _case("cnn28")
+    with torch.no_grad():
+        margin_lower_bounds(model, x, y, EPS, "ibp")
+    cached = {id(layer) for layer in bounds_interval._CACHE.keys()}
+    assert {id(model[0]), id(model[2]), id(model[5]), id(model[7])} <= cached
+    del model
+    gc.collect()
+    assert len(bounds_interval._CACHE) <= len(cached) - 4

@@ -27,7 +27,9 @@ from robmia_db.runner.bounds_core import _Network, _other_classes, _scatter_marg
 
 # Above this many classes the (C*C, F) pairwise table outgrows the per-sample (C-1, F) specs.
 _PAIRWISE_CLASSES = 32
-_CACHE: dict[tuple, tuple[weakref.ref, tuple[Tensor | None, ...]]] = {}
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, tuple[Tensor | None, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _cached(key: tuple, layer: nn.Module, make) -> tuple[Tensor | None, ...]:
@@ -36,20 +38,20 @@ def _cached(key: tuple, layer: nn.Module, make) -> tuple[Tensor | None, ...]:
     Never cached while autograd tracks them (the result must carry the graph). The version counters move
     with every in-place update (optimizer steps, `load_state_dict`); `.to()` and `.data =` give new memory,
     a new data pointer. Not seen: an in-place edit through `p.data` (it bypasses the version counter, as
-    PyTorch documents); edit parameters in place under `torch.no_grad()` instead, as the runner does.
+    PyTorch documents); edit parameters in place under `torch.no_grad()` instead, as the runner does. One
+    entry per layer and key, dropped with the layer.
     """
     parameters = [t for t in (layer.weight, layer.bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in parameters):
         return make()
-    full_key = (id(layer), *key, *((t._version, t.data_ptr()) for t in parameters))
-    hit = _CACHE.get(full_key)
-    if hit is not None and hit[0]() is layer:
+    stamp = tuple((t._version, t.data_ptr()) for t in parameters)
+    entries = _CACHE.setdefault(layer, {})
+    hit = entries.get(key)
+    if hit is not None and hit[0] == stamp:
         return hit[1]
     with torch.no_grad():
         value = make()
-    if len(_CACHE) >= 256:
-        _CACHE.clear()
-    _CACHE[full_key] = (weakref.ref(layer), value)
+    entries[key] = (stamp, value)
     return value
 
 
