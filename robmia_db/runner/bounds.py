@@ -8,7 +8,8 @@ Notation used below: h_0 = x and h_{i+1} = layer_i(h_i); "pre-activation bounds"
 are bounds of h_i. A "linear spec" A on h_k has shape (N, S, *shape(h_k)) and asks for lower bounds of
 <A[n, s], h_k[n]> over the input box.
 
-Implementation: bounds_core (checks, intervals, margins), bounds_linear (CROWN family), bounds_zonotope.
+Implementation: bounds_core (checks, intervals, margins), bounds_interval (the IBP kernel), bounds_linear (CROWN
+family), bounds_backward, bounds_projected, bounds_zonotope.
 """
 
 from __future__ import annotations

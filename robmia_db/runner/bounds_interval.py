@@ -11,8 +11,9 @@ products are about 2x a forward pass by construction (one on the centre with W, 
 - feature maps run channels-last, including one-channel inputs (whose default strides make convolutions
   fall back to NCHW); a Linear layer reading a flattened channels-last map gets its weight columns permuted
   once instead of the map being copied;
-- the last layer merged with the margin specification (Gowal et al.'s elision) is one (N, F) x (F, C*C)
-  product against the pairwise |W_i - W_j| (C up to `_PAIRWISE_CLASSES`) instead of a per-sample spec.
+- the last layer merged with the margin specification (Gowal et al.'s elision) is one (N, 2F) x (2F, C*C)
+  product of [u + l, u - l] with the pairwise rows [W_i - W_j, -|W_i - W_j|] / 2 (C up to
+  `_PAIRWISE_CLASSES`) instead of per-sample specs.
 """
 
 from __future__ import annotations
