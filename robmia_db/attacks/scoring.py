@@ -276,7 +276,7 @@ def score_attacks(
                                 table, counts = run_batch(sandbox, attack, batch, key_names, timeout_s)
                             finally:
                                 close_sandbox(sandbox)
-                            stage.add(table)
+                            stage.add(table, batch)
                             nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
                         del relations
             new_skips = {(attack_key, names[m], p, r) for m, p, r in skipped} - recorded_skips
