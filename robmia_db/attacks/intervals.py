@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
@@ -430,19 +431,12 @@ def grouped_intervals(
 
 
 def write_intervals(
-    con,
-    attack_name: str,
-    attack_key: str,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    units: str = "_done",
-    labelled: pa.Table | None = None,
+    con, attack_name: str, attack_key: str, n_resamples: int, units: str, labelled: pa.Table
 ) -> None:
     """The hook `scoring` calls after writing metrics: intervals of the units in the registered table `units`.
 
-    Runs inside scoring's transaction, on its connection. The rows come from the Arrow table `labelled`
-    (model_key, perturbation, example_id, score, is_member: every row of those units) or, without it, from
-    ``_new_scores`` joined to membership. Draws depend only on the seed, P and N, so the intervals are the
-    same however the units are grouped.
+    Runs inside scoring's transaction, on its connection. `labelled` holds every row of those units
+    (model_key, perturbation, example_id, score, is_member): one part of the run, never the whole store.
     """
     con.execute(
         f"""DELETE FROM metric_intervals WHERE attack_key IN (SELECT attack_key FROM attacks WHERE name = ?)
@@ -451,20 +445,16 @@ def write_intervals(
     )
     if n_resamples <= 0:
         return
-    if labelled is not None:  # one part's rows at once: groups of equal P and N share their draws
-        parts = [grouped_intervals(labelled, ["model_key", "perturbation"], n_resamples, DEFAULT_SEED)]
-    else:
-        # one (model, perturbation) at a time: memory holds one model's scores, not the run's
-        groups = con.execute(f"SELECT model_key, perturbation FROM {units} ORDER BY ALL").fetchall()
-        parts = []
-        for model_key, perturbation in groups:
-            rows = con.sql(
-                """SELECT s.model_key, s.perturbation, s.example_id, s.score, b.is_member FROM _new_scores s
-                   JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
-                   WHERE s.model_key = $model AND s.perturbation = $perturbation AND b.model_key = $model""",
-                params={"model": model_key, "perturbation": perturbation},
-            ).to_arrow_table()
-            parts.append(grouped_intervals(rows, ["model_key", "perturbation"], n_resamples, DEFAULT_SEED))
+    # one (model, perturbation) at a time: memory holds one model's rows on top of the part
+    groups = con.execute(f"SELECT model_key, perturbation FROM {units} ORDER BY ALL").fetchall()
+    parts = []
+    for model_key, perturbation in groups:
+        same = pc.and_(
+            pc.equal(labelled["model_key"], model_key), pc.equal(labelled["perturbation"], perturbation)
+        )
+        parts.append(
+            grouped_intervals(labelled.filter(same), ["model_key", "perturbation"], n_resamples, DEFAULT_SEED)
+        )
     if not parts:
         return
     intervals = pa.concat_tables(parts)

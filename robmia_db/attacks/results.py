@@ -25,6 +25,7 @@ from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
 from robmia_db.attacks.metrics import calibrated_balanced_accuracy, compute_metrics, reference_metrics
 from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.store.connection import transaction, writing
+from robmia_db.store.scratch import score_scratch_prefix, stale_score_scratch
 from robmia_db.testhooks import fail_point, kill_point
 
 # crash point while the scores are staged, before the store is opened for writing (robmia_db.testhooks)
@@ -49,7 +50,7 @@ class ScoreStage:
     transaction (a single streamed INSERT, which DuckDB writes to the store as it goes) and computes the
     metrics part by part (`parts`), so that the write too holds one part, whatever the size of the store.
     The folder is removed when the run ends; one that a killed run left (`.<store>.score-tmp<PID>-*/`) is
-    removed by the next `score` or by `gc` (`remove_stale_stages`).
+    removed by the next `score` or by `gc` (`store.scratch`).
     """
 
     def __init__(self, db_path: str | Path):
@@ -71,10 +72,9 @@ class ScoreStage:
         """Stages the scores of `units` (every row of those units: a unit is never split between files)."""
         table = table.replace_schema_metadata(None)  # parts must share one schema (a DataFrame adds its own)
         if self.folder is None:
-            remove_stale_stages(self.real)
-            self.folder = Path(
-                tempfile.mkdtemp(prefix=f".{self.real.name}.score-tmp{os.getpid()}-", dir=self.real.parent)
-            )
+            for stale in stale_score_scratch(self.real):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=score_scratch_prefix(self.real), dir=self.real.parent))
             self._schema = table.schema
         else:
             table = table.cast(self._schema)
@@ -100,37 +100,6 @@ class ScoreStage:
             chunk.append(item)
         if chunk:
             yield self.relation([f for f, _, _ in chunk]), [u for _, _, us in chunk for u in us]
-
-
-def stage_folders(db_path: str | Path) -> list[Path]:
-    """Scratch folders of score runs beside the store, alive or not."""
-    real = Path(db_path).resolve()
-    return sorted(real.parent.glob(f".{real.name}.score-tmp*-*"))
-
-
-def stale_stages(db_path: str | Path) -> list[Path]:
-    """Scratch folders of score runs that died (kill -9): their process is gone."""
-    found = []
-    for folder in stage_folders(db_path):
-        pid = folder.name.rsplit(".score-tmp", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            found.append(folder)
-    return found
-
-
-def remove_stale_stages(db_path: str | Path) -> None:
-    for folder in stale_stages(db_path):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _DECISION_SQL = """
