@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_memory.json"
 CLASSES = 10
 ATTACKS = ("confidence", "loss")
+AFTER_COMMIT = subprocess.run(
+    ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+).stdout.strip()
 
 WORKER = """
 import json, resource, sys, time
@@ -171,17 +174,21 @@ def main() -> None:
                         flush=True,
                     )
             results.append(entry)
+            write_results(args, results)  # after each case: a long run that is stopped keeps what finished
+    print(f"wrote {args.out}")
+
+
+def write_results(args, results: list[dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {"benchmark": "bench_memory", "python": platform.python_version(), "baseline_ref": args.baseline_ref,
-             "classes": CLASSES, "attacks": list(args.attacks), "resamples": args.resamples,
+             "after_commit": AFTER_COMMIT, "classes": CLASSES, "attacks": list(args.attacks), "resamples": args.resamples,
              "rows_per_model": args.rows_per_model, "cpus": os.cpu_count(), "results": results},
             indent=2,
         )
         + "\n"
     )  # fmt: skip
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
