@@ -363,12 +363,16 @@ def _scores_by_model(
            ORDER BY s.model_key""",
         params={"key": attack_key, "perturbation": perturbation, "models": model_keys},
     ).to_arrow_table()
-    keys = table.column("model_key").to_numpy(zero_copy_only=False)
+    # model keys as dictionary codes: an object array of one Python string per row would cost ~10x the scores
+    coded = table.column("model_key").combine_chunks().dictionary_encode()
+    names = coded.dictionary.to_pylist()
+    keys = coded.indices.to_numpy(zero_copy_only=False)
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(float)
     members = table.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
+    del table, coded
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.array([], int)
     ends = np.r_[starts[1:], len(keys)]
-    return {str(keys[a]): (scores[a:b], members[a:b]) for a, b in zip(starts.tolist(), ends.tolist())}
+    return {names[keys[a]]: (scores[a:b], members[a:b]) for a, b in zip(starts.tolist(), ends.tolist())}
 
 
 def _fleet_metrics(
