@@ -188,10 +188,12 @@ def write_results(
             # metrics part by part: what DuckDB and numpy hold is one part's labelled scores, not the run's
             for relation, part_units in scores.parts(METRICS_ROWS_PER_PART):
                 con.register("_part", _units_table(part_units, inputs_keys, nonfinite))
+                # the models as constants: pushed into the scan of `membership`, which then skips other models
+                models = ", ".join(sorted({"'" + u.model_key.replace("'", "''") + "'" for u in part_units}))
                 labelled = con.sql(
                     f"""SELECT s.model_key, s.perturbation, s.example_id, s.score, b.is_member FROM {relation} s
                         JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
-                        WHERE b.model_key IN (SELECT model_key FROM _part)"""
+                        WHERE b.model_key IN ({models})"""
                 ).to_arrow_table()
                 _insert_metrics(con, side, attack, labelled, len(units), seconds, now)
                 # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
