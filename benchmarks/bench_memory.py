@@ -156,7 +156,7 @@ def main() -> None:
         baseline = baseline_tree(args.baseline_ref, folder) if wanted_before else None
         for case, rows in sorted(wanted_before | wanted_after, key=lambda c: (c[0] != "single", c[1])):
             models = 1 if case == "single" else max(1, round(rows / args.rows_per_model))
-            entry: dict = {"case": case, "rows": rows, "models": models}
+            entry: dict = {"case": case, "rows": rows, "models": models, "after_commit": AFTER_COMMIT}
             sides = []
             if (case, rows) in wanted_after:
                 sides.append(("after", REPO))
@@ -196,7 +196,8 @@ def score_existing(args) -> None:
     got["rows_per_s"] = rows * len(args.attacks) / got["seconds"]
     show("fleet", rows, models, "after", "score", got)
     results = json.loads(args.out.read_text())["results"] if args.out.exists() else []
-    results.append({"case": "fleet", "rows": rows, "models": models, "store_imported_earlier": True,
+    results.append({"case": "fleet", "rows": rows, "models": models, "after_commit": AFTER_COMMIT,
+                    "store_imported_earlier": True,
                     "after": {"score": got}})  # fmt: skip
     write_results(args, results)
 
