@@ -286,6 +286,7 @@ class Store:
         force: bool = False,
         models: Sequence[str] | None = None,
         attack_paths: Sequence[str | Path] | None = None,
+        calibration_models: int = 8,
     ) -> ScoreResult:
         """Score attacks on every stored model, once per perturbation (as `robmia-db score`).
 
@@ -295,6 +296,8 @@ class Store:
             force: recompute even where the cached scores are current.
             models: only these models (keys or names); None for all.
             attack_paths: extra folders of user attacks (as `--attacks DIR`).
+            calibration_models: references rescored per target of a reference attack to calibrate its
+                threshold by nested leave-one-out (as `--calibration-models`; 0: none).
 
         Returns:
             A `ScoreResult`; the numbers are in `Store.metrics()`.
@@ -308,6 +311,7 @@ class Store:
             params=params,
             force=force,
             models=list(models) if models is not None else None,
+            calibration_models=calibration_models,
         )
         return ScoreResult(outcomes)
 

@@ -47,6 +47,7 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from robmia_db.attacks.metrics import METRIC_COLUMNS, reference_metrics
+from robmia_db.attacks.nested_calibration import CHANCE_NOTE
 from robmia_db.attacks.registry import BUILTIN_DIR, load_registry
 from robmia_db.attacks.scoring import AttackOutcome, score_attacks
 from robmia_db.cli import main
@@ -602,17 +603,14 @@ def test_population_runs_reference_attacks(any_population: Population):
     assert len(rows) == (len(population.outcomes) - 1) * n_units + len(population.perturbations)
     half = query(population.db, "SELECT n_members, n_nonmembers FROM v_models LIMIT 1")[0]
     assert all(r["n_members"] == half["n_members"] == r["n_nonmembers"] == half["n_nonmembers"] for r in rows)
-    # calibration pools the references' scores: only for attacks that do not read reference models
-    # themselves (theirs would carry the target's labels at second hand), and the one-target shokri run
-    # has none anyway
+    # calibration pools the two references' scores; an attack that reads reference models pools their
+    # nested leave-one-out scores (each rescored without the target), the one-target shokri run included
     assert {(r["attack"], r["n_reference_models"]) for r in rows} == {
-        *((name, 2) for name in population.outcomes if name not in REFERENCE_ATTACKS),
-        *((name, None) for name in population.outcomes if name == "class_thresholds"),
-        (SHOKRI, None),
+        *((name, 2) for name in population.outcomes if name != "attack_model"),
+        (SHOKRI, 2),
     }
     for row in rows:
-        if row["attack"] in ("class_thresholds", SHOKRI):
-            assert "nested leave-one-out is not run" in row["calibration_note"], row
+        assert row["calibration_note"] in (None, CHANCE_NOTE), row
     assert query(population.db, "SELECT count(*) AS n FROM v_attack_skips")[0]["n"] == 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bound_models import NUM_CLASSES, cnn28, numpy_intervals
 from torch import nn
 
 from robmia_db.errors import ModelDefinitionError
@@ -20,7 +21,6 @@ from robmia_db.runner.bounds import (
 
 torch.set_num_threads(1)
 
-NUM_CLASSES = 10
 SOUND_TOL = 1e-5
 
 
@@ -42,19 +42,6 @@ def _cnn8() -> nn.Sequential:
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(256, 32),
-        nn.ReLU(),
-        nn.Linear(32, NUM_CLASSES),
-    )
-
-
-def _cnn28() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 8, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(392, 32),
         nn.ReLU(),
         nn.Linear(32, NUM_CLASSES),
     )
@@ -120,7 +107,7 @@ def _case(name: str, request: pytest.FixtureRequest) -> tuple[nn.Sequential, tor
     if name == "trained":
         return request.getfixturevalue("trained_cnn")
     torch.manual_seed({"mlp8": 1, "cnn8": 2, "cnn28": 3, "odd8": 4}[name])
-    model = {"mlp8": _mlp8, "cnn8": _cnn8, "cnn28": _cnn28, "odd8": _odd8}[name]()
+    model = {"mlp8": _mlp8, "cnn8": _cnn8, "cnn28": cnn28, "odd8": _odd8}[name]()
     size = 28 if name == "cnn28" else 8
     x = _random_images(4, size, seed=len(name))
     y = torch.tensor([0, 3, 7, 9])
@@ -311,53 +298,13 @@ def test_interval_bounds_contain_attacked_and_corner_logits(trained_cnn) -> None
 # Oracles
 
 
-def _numpy_conv(x: np.ndarray, weight: np.ndarray, layer: nn.Conv2d) -> np.ndarray:
-    """Direct float64 convolution, looping over kernel taps only."""
-    (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
-    n, _, height, width = x.shape
-    kh, kw = weight.shape[-2:]
-    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = np.zeros((n, weight.shape[0], out_h, out_w))
-    for i in range(kh):
-        for j in range(kw):
-            window = padded[:, :, i * dh : i * dh + sh * out_h : sh, j * dw : j * dw + sw * out_w : sw]
-            out += np.einsum("nchw,oc->nohw", window, weight[:, :, i, j])
-    return out
-
-
-def _numpy_intervals(model: nn.Sequential, lower: np.ndarray, upper: np.ndarray, layers: int):
-    """Interval arithmetic with W+ and W- in float64 over the first `layers` layers."""
-    for layer in list(model)[:layers]:
-        if isinstance(layer, nn.ReLU):
-            lower, upper = np.maximum(lower, 0), np.maximum(upper, 0)
-        elif isinstance(layer, nn.Flatten):
-            lower, upper = lower.reshape(len(lower), -1), upper.reshape(len(upper), -1)
-        else:
-            weight = layer.weight.detach().double().numpy()
-            positive, negative = np.maximum(weight, 0), np.minimum(weight, 0)
-            if isinstance(layer, nn.Linear):
-                new_lower, new_upper = (
-                    lower @ positive.T + upper @ negative.T,
-                    upper @ positive.T + lower @ negative.T,
-                )
-                bias = layer.bias.detach().double().numpy()
-            else:
-                new_lower = _numpy_conv(lower, positive, layer) + _numpy_conv(upper, negative, layer)
-                new_upper = _numpy_conv(upper, positive, layer) + _numpy_conv(lower, negative, layer)
-                bias = layer.bias.detach().double().numpy()[:, None, None]
-            lower, upper = new_lower + bias, new_upper + bias
-    return lower, upper
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_ibp_matches_numpy_float64_intervals(case: str, request: pytest.FixtureRequest) -> None:
     model, x, y = _case(case, request)
     eps = 0.03
     lower, upper = (t.double().numpy() for t in _box(x, eps))
-    ref_lower, ref_upper = _numpy_intervals(model, lower, upper, len(model))
-    pen_lower, pen_upper = _numpy_intervals(model, lower, upper, len(model) - 1)
+    ref_lower, ref_upper = numpy_intervals(model, lower, upper, len(model))
+    pen_lower, pen_upper = numpy_intervals(model, lower, upper, len(model) - 1)
     weight, bias = model[-1].weight.detach().double().numpy(), model[-1].bias.detach().double().numpy()
     elided = np.zeros((len(y), NUM_CLASSES))
     for n, label in enumerate(y.tolist()):

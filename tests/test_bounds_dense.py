@@ -13,27 +13,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from bound_models import NUM_CLASSES, cnn28
 from torch import nn
 
 from robmia_db.runner.bounds import margin_lower_bounds
 
 torch.set_num_threads(1)
-
-NUM_CLASSES = 10
-
-
-def _cnn28() -> nn.Sequential:
-    # The benchmark network's shape (two 4x4 stride-2 convolutions, 28x28), narrower for test speed.
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 8, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(392, 24),
-        nn.ReLU(),
-        nn.Linear(24, NUM_CLASSES),
-    )
 
 
 def _cnn_rgb() -> nn.Sequential:
@@ -130,7 +115,7 @@ def _reference(ops, x: np.ndarray, label: int, eps: float, method: str) -> np.nd
 @pytest.mark.parametrize("name", ["cnn28", "cnn_rgb"])
 def test_bounds_match_a_dense_float64_reference(method: str, name: str) -> None:
     torch.manual_seed(5)
-    model = {"cnn28": _cnn28, "cnn_rgb": _cnn_rgb}[name]()
+    model = {"cnn28": lambda: cnn28(hidden=24), "cnn_rgb": _cnn_rgb}[name]()
     shape = (1, 28, 28) if name == "cnn28" else (3, 8, 8)
     generator = torch.Generator().manual_seed(6)
     x = torch.rand(3, *shape, generator=generator)

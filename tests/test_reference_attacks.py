@@ -24,6 +24,7 @@ from scipy.stats import norm
 
 from robmia_db.attacks import calibrated
 from robmia_db.attacks import fleet as fleet_module
+from robmia_db.attacks.nested_calibration import TOO_FEW_NOTE
 from robmia_db.attacks.scoring import score_attacks
 from robmia_db.cli import main
 from robmia_db.store.signals import signals_from_logits, signals_from_probs
@@ -299,6 +300,9 @@ def test_one_reference_rmia_and_lira(tmp_path: Path):
         fleet.db, "SELECT auc FROM v_metrics WHERE attack = 'rmia_offline' AND perturbation = 'benign'"
     )
     assert all(r["auc"] > 0.6 for r in rows)
+    # nested leave-one-out would leave a rescored reference no reference: no calibration, and why
+    notes = query(fleet.db, "SELECT DISTINCT calibration_note, n_reference_models FROM v_metrics")
+    assert notes == [{"calibration_note": TOO_FEW_NOTE, "n_reference_models": None}]
 
 
 def _random_fleet(rng: np.random.Generator, n_models: int = 7, n: int = 40) -> fleet_module.FleetMatrix:

@@ -159,6 +159,21 @@ def test_read_only_open_migrates_an_older_store(tmp_path):
         assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_a_store_that_already_has_a_later_steps_column_still_migrates(tmp_path):
+    """Stores written by a development build between merges (the confidence_logit column there came with an
+    earlier version number) migrate instead of failing on "column already exists"."""
+    db = tmp_path / "branch.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)")
+    con.execute(V3_MIGRATIONS[0])
+    con.execute("ALTER TABLE signals ADD COLUMN confidence_logit DOUBLE")
+    con.execute("INSERT INTO schema_version VALUES (1, now())")
+    con.close()
+    with reading(db) as con:
+        assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+        assert ("confidence_logit", "DOUBLE") in columns_of(con, "signals")
+
+
 def test_newer_or_foreign_files_are_refused(tmp_path, empty_store):
     with writing(empty_store) as con:
         con.execute("INSERT INTO schema_version VALUES (?, now())", [SCHEMA_VERSION + 1])

@@ -32,6 +32,8 @@ class ScoreUnit:
     inputs: dict[str, str]  # need kind -> perturbation name ("signal" for single-signal attacks)
     signal_keys: list[str]
     references: list[str] = field(default_factory=list)
+    # set on a nested leave-one-out calibration run: the target whose threshold these scores calibrate
+    calibrates: str | None = None
 
     def inputs_key(self, reference_signal_keys: list[str]) -> str:
         payload = json.dumps(

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from robmia_db.attacks.definition import AttackDefinition
 from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
 from robmia_db.attacks.metrics import calibrated_balanced_accuracy, compute_metrics, reference_metrics
+from robmia_db.attacks.nested_calibration import OFF_NOTE, NestedCalibration
 from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.store.connection import transaction, writing
 from robmia_db.store.scratch import score_scratch_prefix, stale_score_scratch
@@ -36,10 +37,6 @@ WRITE_MEMORY_LIMIT = "1GB"
 METRICS_ROWS_PER_PART = 2_000_000
 # crash point between the metrics and the calibration, inside the transaction (robmia_db.testhooks)
 BEFORE_CALIBRATION = "score-before-calibration"
-REFERENCE_ATTACK_NOTE = (
-    "not computed for an attack that reads reference models: the references' own scores were computed "
-    "with this model among their references (nested leave-one-out is not run); see decision_accuracy"
-)
 NO_REFERENCE_NOTE = "no reference models with this attack's scores on this perturbation"
 
 
@@ -145,6 +142,7 @@ def write_results(
     references: dict[str, list[str]],
     recipes: dict[str, str],
     resamples: int = DEFAULT_RESAMPLES,
+    nested: NestedCalibration | None = None,
 ) -> None:
     attack_key = attack.attack_key
     now = datetime.now(timezone.utc)
@@ -202,7 +200,7 @@ def write_results(
                 del labelled
             fail_point(BEFORE_CALIBRATION)
             kill_point(BEFORE_CALIBRATION)
-            _calibrate(con, attack, references)
+            _calibrate(con, attack, references, nested)
             _fleet_metrics(con, attack, {u.model_key for u in units}, recipes, now)
         for model_name, perturbation, reason in skipped:
             con.execute(
@@ -279,24 +277,25 @@ def _insert_metrics(
 
 
 def _calibrate(
-    con: duckdb.DuckDBPyConnection, attack: AttackDefinition, references: dict[str, list[str]]
+    con: duckdb.DuckDBPyConnection,
+    attack: AttackDefinition,
+    references: dict[str, list[str]],
+    nested: NestedCalibration | None = None,
 ) -> None:
     """calibrated_accuracy: the threshold best on the pooled reference models' scores, applied to the target.
 
-    For an attack that itself reads reference models this would leak: a reference's scores were computed
-    with the target among its references. Those rows get NULL and the reason instead.
+    For an attack that itself reads reference models, the references' stored scores were computed with the
+    target among their references: the threshold comes from their nested leave-one-out scores instead
+    (`nested_calibration`), for the units scored in this run.
     """
     attack_key = attack.attack_key
-    if attack.needs_reference:
-        con.execute(
-            """UPDATE metrics SET calibrated_accuracy = NULL, calibrated_threshold = NULL,
-                   n_reference_models = NULL, calibration_note = ? WHERE attack_key = ?""",
-            [REFERENCE_ATTACK_NOTE, attack_key],
-        )
-        return
     updates: dict[str, list[Any]] = {
         k: [] for k in ("model_key", "perturbation", "accuracy", "threshold", "n", "note")
     }
+    if attack.needs_reference:
+        _calibrate_nested(con, attack_key, nested, updates)
+        _write_calibration(con, attack_key, updates)
+        return
     scored = con.execute(
         "SELECT perturbation, list(model_key ORDER BY model_key) FROM metrics WHERE attack_key = ? GROUP BY ALL "
         "ORDER BY ALL",
@@ -331,6 +330,45 @@ def _calibrate(
                 updates, (model_key, perturbation, accuracy, threshold, len(refs) if refs else None, note)
             ):
                 updates[column].append(value)
+    _write_calibration(con, attack_key, updates)
+
+
+def _calibrate_nested(
+    con: duckdb.DuckDBPyConnection,
+    attack_key: str,
+    nested: NestedCalibration | None,
+    updates: dict[str, list[Any]],
+) -> None:
+    """Apply each target's nested leave-one-out threshold to its own stored scores."""
+    scored = con.execute(
+        "SELECT m.model_key, m.perturbation FROM metrics m JOIN _done d USING (model_key, perturbation) "
+        "WHERE m.attack_key = ? ORDER BY ALL",
+        [attack_key],
+    ).fetchall()
+    by_perturbation: dict[str, list[str]] = {}
+    for model_key, perturbation in scored:
+        by_perturbation.setdefault(perturbation, []).append(model_key)
+    for perturbation, model_keys in by_perturbation.items():
+        found = {
+            m: (nested.thresholds.get((m, perturbation)) if nested and nested.k else None) for m in model_keys
+        }
+        groups = _scores_by_model(
+            con, attack_key, perturbation, [m for m, f in found.items() if f and f[0] is not None]
+        )
+        for model_key in model_keys:
+            accuracy = threshold = n = None
+            note = OFF_NOTE if not (nested and nested.k) else NO_REFERENCE_NOTE
+            if found[model_key] is not None:
+                threshold, n, note = found[model_key]
+                if threshold is not None:
+                    accuracy = calibrated_balanced_accuracy(threshold, *groups[model_key])
+            for column, value in zip(updates, (model_key, perturbation, accuracy, threshold, n, note)):
+                updates[column].append(value)
+
+
+def _write_calibration(
+    con: duckdb.DuckDBPyConnection, attack_key: str, updates: dict[str, list[Any]]
+) -> None:
     if not updates["model_key"]:
         return
     table = pa.table(

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from robmia_db.attacks.definition import KIND_NEEDS, AttackDefinition
 from robmia_db.attacks.fleet import FleetCache, ReferenceMatrix, group_rows, references_of, target_arrays
+from robmia_db.attacks.nested_calibration import calibration_units
 from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.errors import AttackDefinitionError, RobmiaError
 
@@ -205,9 +206,17 @@ class Relations(Mapping[str, pa.Table]):
 
 
 def batches(
-    attack: AttackDefinition, units: list[ScoreUnit], relations: dict[str, pa.Table]
+    attack: AttackDefinition,
+    units: list[ScoreUnit],
+    relations: dict[str, pa.Table],
+    calibration_models: int = 0,
 ) -> Iterator[tuple[list[ScoreUnit], Relations]]:
-    """Units to run together with their relations: all at once, or one target per sandbox with references."""
+    """Units to run together with their relations: all at once, or one target per sandbox with references.
+
+    With `calibration_models`, each target's batch is followed by those of its calibration references (see
+    `nested_calibration`), each scored as a target with the fleet minus itself and minus that target; their
+    units carry `calibrates` and their scores are never stored.
+    """
     if not attack.needs_reference:
         yield units, Relations(relations)
         return
@@ -217,6 +226,7 @@ def batches(
         for name, table in relations.items()
         if name != "reference"
     }
+    reference_rows: dict[str, np.ndarray] | None = None
     for unit in units:
         sliced: dict[str, pa.Table | Callable[[], pa.Table]] = {
             name: _rows_of(table, rows[name].get(unit.model_key))
@@ -227,6 +237,33 @@ def batches(
             sliced["target"] = sliced[attack.signal_kind]
         sliced["reference"] = partial(_reference_relation, relations["reference"], unit)
         yield [unit], Relations(sliced, fleet, [unit])
+        for nested in calibration_units(unit, calibration_models):
+            if reference_rows is None:
+                reference_rows = group_rows(relations["reference"].column("model_key"))
+            yield (
+                [nested],
+                Relations(
+                    _as_target(attack, relations["reference"], reference_rows[nested.model_key], nested)
+                    | {"reference": partial(_reference_relation, relations["reference"], nested)},
+                    fleet,
+                    [nested],
+                ),
+            )
+
+
+def _as_target(
+    attack: AttackDefinition, reference: pa.Table, rows: np.ndarray, unit: ScoreUnit
+) -> dict[str, pa.Table | Callable[[], pa.Table]]:
+    """A reference model's rows as the target relations of `unit` (its membership dropped, as a target's)."""
+    mine = _rows_of(reference, rows).drop_columns(["is_member"])
+    if attack.signal_kind is None:
+        return {"target": mine.filter(pc.equal(mine["perturbation"], unit.perturbation))}
+    sliced: dict[str, pa.Table | Callable[[], pa.Table]] = {
+        kind: mine.filter(pc.equal(mine["perturbation"], unit.inputs[kind]))
+        for kind in (n for n in attack.needs if n in KIND_NEEDS)
+    }
+    sliced["target"] = sliced[attack.signal_kind]
+    return sliced
 
 
 def _rows_of(table: pa.Table, rows: np.ndarray | None) -> pa.Table:

@@ -22,6 +22,7 @@ import duckdb
 
 from robmia_db.attacks.definition import AttackDefinition, parse_attack
 from robmia_db.attacks.intervals import DEFAULT_RESAMPLES
+from robmia_db.attacks.nested_calibration import DEFAULT_CALIBRATION_MODELS, NestedCalibration
 from robmia_db.attacks.planning import (
     ScoreUnit,
     StoreState,
@@ -200,13 +201,16 @@ def score_attacks(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     resamples: int = DEFAULT_RESAMPLES,
+    calibration_models: int = DEFAULT_CALIBRATION_MODELS,
 ) -> list[AttackOutcome]:
     """Score attacks (names or file paths; default: every registered and every stored attack) on every model.
 
     Only (attack, model, perturbation) triples whose attack source or input signals changed are computed,
     unless `force`. Attacks needing reference models are skipped, with the reason recorded, where none exist.
     `replace` lets a user attack take the name of a built-in or of a stored attack from another file.
-    `resamples` bootstrap replicates give each metric's interval (0: none).
+    `resamples` bootstrap replicates give each metric's interval (0: none). `calibration_models`: how many
+    references' nested leave-one-out scores calibrate a reference attack's target (0: none; see
+    `nested_calibration`).
     """
     db_path = Path(db_path)
     reporter = reporter or SilentScoreReporter()
@@ -253,13 +257,17 @@ def score_attacks(
             ref_keys = [
                 k for ref in unit.references for k in signal_keys_of(state, ref, list(unit.inputs.values()))
             ]
-            key = unit.inputs_key(ref_keys)
+            # a reference attack's calibration depends on how many nested runs calibrate it
+            key = unit.inputs_key(
+                ref_keys + ([f"calibration-models:{calibration_models}"] if attack.needs_reference else [])
+            )
             inputs_keys[(unit.model_key, unit.perturbation)] = key
             if not force and state.existing.get((attack_key, unit.model_key, unit.perturbation)) == key:
                 outcome.cached += 1
             else:
                 todo.append(unit)
         reporter.attack_started(attack, len(todo))
+        nested = NestedCalibration(calibration_models if attack.needs_reference else 0)
         nonfinite: dict[tuple[str, str], int] = {}
         with ScoreStage(db_path) as stage:
             if todo:
@@ -267,17 +275,22 @@ def score_attacks(
                 for unit in todo:
                     by_inputs.setdefault(tuple(sorted(unit.inputs.items())), []).append(unit)
                 for group in by_inputs.values():
+                    nested.plan(group)
                     for part in _parts(attack, group, n_rows):
                         with reading(db_path) as con:
                             relations = read_relations(con, attack, part)
-                        for batch, batch_relations in batches(attack, part, relations):
+                        for batch, batch_relations in batches(attack, part, relations, nested.k):
                             sandbox = open_sandbox(batch_relations, memory_limit)
                             try:
                                 table, counts = run_batch(sandbox, attack, batch, key_names, timeout_s)
                             finally:
                                 close_sandbox(sandbox)
+                            if batch[0].calibrates is not None:
+                                nested.add(batch[0], table, relations["reference"])
+                                continue
                             stage.add(table, batch)
                             nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
+                        nested.finish()
                         del relations
             new_skips = {(attack_key, names[m], p, r) for m, p, r in skipped} - recorded_skips
             if todo or new_skips:
@@ -285,7 +298,7 @@ def score_attacks(
                     db_path, attack, todo, inputs_keys, stage, nonfinite, skipped, names,
                     time.perf_counter() - started,
                     set(model_filter) if model_filter is not None else set(state.models),
-                    references, recipes, resamples,
+                    references, recipes, resamples, nested,
                 )  # fmt: skip
         outcome.scored = len(todo)
         outcome.seconds = time.perf_counter() - started

@@ -88,6 +88,16 @@ def attacks_command(attack_paths: tuple[str, ...], verbose: bool, replace: bool)
     show_default=True,
     help="Stratified bootstrap replicates for the metrics' 95% intervals (0: no intervals).",
 )
+@click.option(
+    "--calibration-models",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    metavar="K",
+    help="Reference attacks (LiRA, RMIA, ...): rescore K of each target's references without the target "
+    "(nested leave-one-out) to calibrate its threshold; costs K extra runs per target (0: no "
+    "calibrated_accuracy for them).",
+)
 @db_option
 @handle_errors
 def score_command(
@@ -101,6 +111,7 @@ def score_command(
     timeout_s,
     memory_limit,
     resamples,
+    calibration_models,
 ) -> None:
     """Score attacks on every stored model, once per perturbation; only missing or stale pairs run.
 
@@ -149,7 +160,7 @@ def score_command(
     outcomes = score_attacks(
         get_state().db_path, attack_names or None, attack_paths, overrides, force,
         list(model_names) or None, Echo(), replace=replace, timeout_s=timeout_s, memory_limit=memory_limit,
-        resamples=resamples,
+        resamples=resamples, calibration_models=calibration_models,
     )  # fmt: skip
     click.echo(
         f"{sum(o.scored for o in outcomes)} (attack, model, perturbation) scored; "

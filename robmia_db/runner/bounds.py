@@ -8,7 +8,8 @@ Notation used below: h_0 = x and h_{i+1} = layer_i(h_i); "pre-activation bounds"
 are bounds of h_i. A "linear spec" A on h_k has shape (N, S, *shape(h_k)) and asks for lower bounds of
 <A[n, s], h_k[n]> over the input box.
 
-Implementation: bounds_core (checks, intervals, margins), bounds_linear (CROWN family), bounds_zonotope.
+Implementation: bounds_core (checks, intervals, margins), bounds_interval (the IBP kernel), bounds_linear (CROWN
+family), bounds_backward, bounds_projected, bounds_zonotope.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from torch import Tensor, nn
 
 from robmia_db.runner.bounds_core import (
     _check_labels,
-    _ibp_elided,
     _input_box,
     _interval_pass,
     _model_dtype,
     _Network,
     check_supported,
 )
+from robmia_db.runner.bounds_interval import elided_margins, interval_last
 from robmia_db.runner.bounds_linear import _final_backward, _ibp_relaxations, _linear_relaxations
 from robmia_db.runner.bounds_projected import projected_relaxations
 from robmia_db.runner.bounds_zonotope import _zonotope_margins
@@ -60,7 +61,8 @@ def interval_bounds(
     """
     net = _Network.build(model, x)
     box = _input_box(x, eps, x_min, x_max, _model_dtype(model))
-    return _interval_pass(net, *box, upto=len(net.layers), keep_all=False)[-1]
+    total, difference, _ = interval_last(net, *box, upto=len(net.layers), owned=True)
+    return (total - difference) * 0.5, (total + difference) * 0.5
 
 
 def margin_lower_bounds(
@@ -101,7 +103,7 @@ def margin_lower_bounds(
     box_lower, box_upper = _input_box(x, eps, x_min, x_max, _model_dtype(model))
     penultimate = len(net.layers) - 1
     if method == "ibp":
-        return _ibp_elided(net, _interval_pass(net, box_lower, box_upper, penultimate, keep_all=False), y)
+        return elided_margins(net, interval_last(net, box_lower, box_upper, penultimate, owned=True), y)
     if method == "crown_ibp":
         bounds = _interval_pass(net, box_lower, box_upper, penultimate)
         return _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)
@@ -184,7 +186,8 @@ def crown_ibp_margin_bounds(
     y = _check_labels(y, x, net.layers[-1].out_features)
     box_lower, box_upper = _input_box(x, eps, x_min, x_max, _model_dtype(model))
     bounds = _interval_pass(net, box_lower, box_upper, len(net.layers) - 1)
-    ibp = _ibp_elided(net, bounds, y) if beta < 1.0 else None
+    lower, upper = bounds[-1]
+    ibp = elided_margins(net, (upper + lower, upper - lower, None), y) if beta < 1.0 else None
     if beta == 0.0:
         return ibp
     crown = _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)

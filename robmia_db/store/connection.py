@@ -79,6 +79,8 @@ def _is_lock_error(exc: Exception) -> bool:
 
 def _settings(con: duckdb.DuckDBPyConnection, threads: int | None, memory_limit: str | None) -> None:
     con.execute(f"SET threads = {int(threads or min(2, os.cpu_count() or 1))}")
+    # DuckDB draws its own bar on long queries, into our one-line messages and progress display
+    con.execute("SET enable_progress_bar = false")
     if memory_limit:
         con.execute(f"SET memory_limit = '{memory_limit}'")
 

@@ -87,7 +87,7 @@ MIGRATIONS: list[str] = [
     # 5 (refattacks): LiRA's logit-scaled confidence phi = log p_y - log(1 - p_y), float64, computed stably
     # from the logits (robmia_db/store/signals.py); stores written before it hold NULL there, and the
     # reference-model attacks then compute phi from the stored float32 probabilities as the reference code does
-    "ALTER TABLE signals ADD COLUMN confidence_logit DOUBLE;",
+    "ALTER TABLE signals ADD COLUMN IF NOT EXISTS confidence_logit DOUBLE;",
     # 6 (reliability, issue 14 item 4): each checkpoint's sha256, checked before the file is used again, so
     # a swapped or replaced checkpoint fails its model instead of storing another model's signals.
     # `models.checkpoint` holds the path relative to the store's folder from now on (found after a rename).

@@ -1,0 +1,181 @@
+"""Runner layer: the IBP kernel of the bound engine (interval pass to one layer, elided margins); torch only.
+
+Why a separate kernel from `bounds_core._interval_pass` (which keeps every layer's bounds for CROWN-IBP):
+when only the last bounds are wanted, the pass can carry whichever form the next step needs and overwrite
+its own intermediates. Measured on CPU (1 thread, 28x28 CNN, batch 128) the convolutions and matrix
+products are about 2x a forward pass by construction (one on the centre with W, one on the radius with
+|W|), so everything else must stay small:
+- the pass carries (u + l, u - l), twice the centre and radius: an affine layer maps them with W, |W| and
+  2 b (derived weights cached per parameter version when no gradient is tracked), a ReLU in four passes
+  over the maps, two of them in place (see `interval_last`);
+- feature maps run channels-last, including one-channel inputs (whose default strides make convolutions
+  fall back to NCHW); a Linear layer reading a flattened channels-last map gets its weight columns permuted
+  once instead of the map being copied;
+- the last layer merged with the margin specification (Gowal et al.'s elision) is one (N, 2F) x (2F, C*C)
+  product of [u + l, u - l] with the pairwise rows [W_i - W_j, -|W_i - W_j|] / 2 (C up to
+  `_PAIRWISE_CLASSES`) instead of per-sample specs.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robmia_db.runner.bounds_core import _Network, _other_classes, _scatter_margins, channels_last
+
+# Above this many classes the (C*C, F) pairwise table outgrows the per-sample (C-1, F) specs.
+_PAIRWISE_CLASSES = 32
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, tuple[Tensor | None, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _cached(key: tuple, layer: nn.Module, make) -> tuple[Tensor | None, ...]:
+    """Tensors derived from a layer's weight and bias, remade only when either changes.
+
+    Never cached while autograd tracks them (the result must carry the graph). The version counters move
+    with every in-place update (optimizer steps, `load_state_dict`); `.to()` and `.data =` give new memory,
+    a new data pointer. Not seen: an in-place edit through `p.data` (it bypasses the version counter, as
+    PyTorch documents); edit parameters in place under `torch.no_grad()` instead, as the runner does. One
+    entry per layer and key, dropped with the layer.
+    """
+    parameters = [t for t in (layer.weight, layer.bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in parameters):
+        return make()
+    stamp = tuple((t._version, t.data_ptr()) for t in parameters)
+    entries = _CACHE.setdefault(layer, {})
+    hit = entries.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    with torch.no_grad():
+        value = make()
+    entries[key] = (stamp, value)
+    return value
+
+
+def _columns(weight: Tensor, order: tuple[int, int, int] | None) -> Tensor:
+    """A Linear weight with its columns in the channels-last order (H, W, C) of a flattened (C, H, W) map."""
+    if order is None:
+        return weight
+    c, h, w = order
+    return weight.reshape(-1, c, h, w).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def _pair_weights(
+    layer: nn.Module, order: tuple[int, int, int] | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(W, |W|, 2 b) of an affine layer: Linear columns permuted for `order`, Conv2d weights channels-last."""
+
+    def make() -> tuple[Tensor, Tensor, Tensor | None]:
+        weight = layer.weight
+        if isinstance(layer, nn.Linear):
+            weight = _columns(weight, order)
+        else:
+            # The convolution would otherwise reorder its weight to the input's layout on every call.
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return weight, weight.abs(), None if layer.bias is None else layer.bias * 2
+
+    return _cached(("pair", order), layer, make)
+
+
+def _apply(layer: nn.Module, inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if isinstance(layer, nn.Linear):
+        return F.linear(inputs, weight, bias)
+    return F.conv2d(inputs, weight, bias, layer.stride, layer.padding, layer.dilation)
+
+
+def interval_last(
+    net: _Network, lower: Tensor, upper: Tensor, upto: int, owned: bool = False
+) -> tuple[Tensor, Tensor, tuple[int, int, int] | None]:
+    """Interval bounds of h_upto only, as (u + l, u - l): twice the centre and twice the radius.
+
+    Args:
+        owned: the box (lower, upper) is the caller's no longer, and may be overwritten.
+
+    Returns:
+        (sum, difference, order): `order` is the (C, H, W) of a flattened channels-last map whose (H, W, C)
+        order a vector h_upto uses, or None.
+    """
+    # Twice the centre and radius throughout: an affine layer maps them with W, |W| and 2 b, and a ReLU
+    # maps them in four passes: with upper = relu((s + d) / 2), s' = max(upper, s) and d' = min(upper, d)
+    # (where the lower end is active these are s and d; where it is cut, both are the upper end).
+    # Without autograd the maps made here are overwritten once dead: each fresh multi-MB tensor costs page
+    # faults on CPU, about as much as a pass over it.
+    reuse = not torch.is_grad_enabled()
+    lower, upper = channels_last(lower), channels_last(upper)
+    total = upper + lower
+    difference = upper.sub_(lower) if owned and reuse else upper - lower
+    order = None
+    for layer in net.layers[:upto]:
+        if isinstance(layer, nn.Flatten):
+            if total.dim() == 4 and total.is_contiguous(memory_format=torch.channels_last):
+                c, h, w = total.shape[1:]
+                order = (c, h, w) if c > 1 and h * w > 1 else None
+                total, difference = (
+                    t.permute(0, 2, 3, 1).reshape(t.shape[0], -1) for t in (total, difference)
+                )
+            else:
+                total, difference = total.flatten(1), difference.flatten(1)
+        elif isinstance(layer, nn.ReLU):
+            top = torch.lerp(total, difference, 0.5).relu_()
+            if reuse:
+                total, difference = (
+                    torch.maximum(top, total, out=total),
+                    torch.minimum(top, difference, out=difference),
+                )
+            else:
+                total, difference = torch.maximum(top, total), torch.minimum(top, difference)
+        else:
+            weight, weight_abs, bias = _pair_weights(layer, order)
+            # Sums of one-channel maps come back with NCHW strides, which convolve more slowly.
+            total = _apply(layer, channels_last(total), weight, bias)
+            difference = _apply(layer, channels_last(difference), weight_abs, None)
+            order = None
+    return total, difference, order
+
+
+def elided_margins(
+    net: _Network, state: tuple[Tensor, Tensor, tuple[int, int, int] | None], y: Tensor
+) -> Tensor:
+    """IBP margin lower bounds (N, C), the last Linear layer merged with the specs e_y - e_j; 0 at y.
+
+    Args:
+        state: `interval_last` of the penultimate layer.
+    """
+    p, q, order = state
+    last = net.layers[-1]
+    num_classes = last.out_features
+
+    def make() -> tuple[Tensor, Tensor | None]:
+        # Halved: the state is twice the centre and radius.
+        weight = _columns(last.weight * 0.5, order)
+        if num_classes > _PAIRWISE_CLASSES:
+            return weight, None
+        # Row i * C + j: [W_i - W_j, -|W_i - W_j|], so that one product with [p, q] gives every margin
+        # z_i - z_j's bound (exactly 0 where i = j).
+        difference = (weight.unsqueeze(1) - weight.unsqueeze(0)).reshape(-1, weight.shape[1])
+        pairs = torch.cat([difference, -difference.abs()], 1)
+        bias = None
+        if last.bias is not None:
+            bias = (last.bias.unsqueeze(1) - last.bias.unsqueeze(0)).reshape(-1)
+        return pairs, bias
+
+    table, bias = _cached(("margins", order), last, make)
+    if num_classes > _PAIRWISE_CLASSES:
+        weight = table
+        others = _other_classes(num_classes, y)
+        spec = weight[y].unsqueeze(1) - weight[others]
+        bias = torch.zeros(others.shape, dtype=p.dtype, device=p.device)
+        if last.bias is not None:
+            bias = last.bias[y].unsqueeze(1) - last.bias[others]
+        lower = (
+            bias
+            + torch.bmm(spec, p.unsqueeze(2)).squeeze(2)
+            - torch.bmm(spec.abs(), q.unsqueeze(2)).squeeze(2)
+        )
+        return _scatter_margins(lower, others, num_classes)
+    every = F.linear(torch.cat([p, q], 1), table, bias).reshape(-1, num_classes, num_classes)
+    return every.gather(1, y.reshape(-1, 1, 1).expand(-1, 1, num_classes)).squeeze(1)
