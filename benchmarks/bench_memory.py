@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_memory.json"
 CLASSES = 10
 ATTACKS = ("confidence", "loss")
+AFTER_COMMIT = subprocess.run(
+    ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+).stdout.strip()
 
 WORKER = """
 import json, resource, sys, time
@@ -133,7 +136,15 @@ def main() -> None:
     parser.add_argument("--baseline-ref", default="main", help="git ref of the code before")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the stores (large)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--score-store", type=Path, default=None,
+        help="only score an existing fleet store (a copy of one an earlier run imported); added to --out",
+    )  # fmt: skip
+    parser.add_argument("--score-models", type=int, default=None, help="the models in --score-store")
     args = parser.parse_args()
+    if args.score_store:
+        score_existing(args)
+        return
     results = []
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +156,7 @@ def main() -> None:
         baseline = baseline_tree(args.baseline_ref, folder) if wanted_before else None
         for case, rows in sorted(wanted_before | wanted_after, key=lambda c: (c[0] != "single", c[1])):
             models = 1 if case == "single" else max(1, round(rows / args.rows_per_model))
-            entry: dict = {"case": case, "rows": rows, "models": models}
+            entry: dict = {"case": case, "rows": rows, "models": models, "after_commit": AFTER_COMMIT}
             sides = []
             if (case, rows) in wanted_after:
                 sides.append(("after", REPO))
@@ -171,17 +182,37 @@ def main() -> None:
                         flush=True,
                     )
             results.append(entry)
+            write_results(args, results)  # after each case: a long run that is stopped keeps what finished
+    print(f"wrote {args.out}")
+
+
+def score_existing(args) -> None:
+    """The score phase alone on a store imported earlier (import and score of 1e8 rows take longer together
+    than one sitting allows); its entry is appended to the results already in --out."""
+    models = args.score_models
+    rows = int(models * args.rows_per_model)
+    arg = {"models": models, "attacks": list(args.attacks), "resamples": args.resamples}
+    got = phase(REPO, "score", args.score_store, arg)
+    got["rows_per_s"] = rows * len(args.attacks) / got["seconds"]
+    show("fleet", rows, models, "after", "score", got)
+    results = json.loads(args.out.read_text())["results"] if args.out.exists() else []
+    results.append({"case": "fleet", "rows": rows, "models": models, "after_commit": AFTER_COMMIT,
+                    "store_imported_earlier": True,
+                    "after": {"score": got}})  # fmt: skip
+    write_results(args, results)
+
+
+def write_results(args, results: list[dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {"benchmark": "bench_memory", "python": platform.python_version(), "baseline_ref": args.baseline_ref,
-             "classes": CLASSES, "attacks": list(args.attacks), "resamples": args.resamples,
+             "after_commit": AFTER_COMMIT, "classes": CLASSES, "attacks": list(args.attacks), "resamples": args.resamples,
              "rows_per_model": args.rows_per_model, "cpus": os.cpu_count(), "results": results},
             indent=2,
         )
         + "\n"
     )  # fmt: skip
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from attack_fixtures import import_synthetic, synthetic_outputs
 from conftest import clean_env
 from sklearn.metrics import roc_auc_score
 
-from robmia_db.attacks import scoring
+from robmia_db.attacks import results, scoring
 from robmia_db.attacks.intervals import bootstrap_intervals
 from robmia_db.attacks.results import BEFORE_CALIBRATION, STAGING_SCORES
 from robmia_db.attacks.scoring import score_attacks
@@ -95,6 +96,7 @@ def test_scoring_in_parts_gives_the_numbers_of_one_pass(fleet, tmp_path, monkeyp
     parts = shutil.copy2(fleet, tmp_path / "parts.duckdb")
     score_attacks(whole, ["confidence", "loss"], resamples=50)
     monkeypatch.setattr(scoring, "ROWS_PER_PART", 1)
+    monkeypatch.setattr(results, "METRICS_ROWS_PER_PART", 1)  # and metrics one staged file at a time
     outcomes = score_attacks(parts, ["confidence", "loss"], resamples=50)
     assert [o.scored for o in outcomes] == [8, 8]
     assert metrics(parts) == metrics(whole)
@@ -154,6 +156,37 @@ def test_a_kill_while_staging_leaves_the_store_and_the_next_score_cleans_up(flee
     assert len(scratch_folders(db)) == 1  # what kill -9 leaves ...
     assert cli("score", "--attack", "loss", "--resamples", "0", "--db", str(db)).returncode == 0
     assert scratch_folders(db) == []  # ... the next score removes
+    assert counts(db)["metrics"] == 8
+
+
+def test_gc_removes_the_staged_scores_a_killed_score_left_and_keeps_a_live_runs(fleet, tmp_path):
+    """kill -9 inside the write transaction (every score staged): the store is unchanged and the staged
+    Parquet files stay behind; `gc --dry-run` lists them, `gc` removes them, a live run's folder is kept."""
+    db = shutil.copy2(fleet, tmp_path / "s.duckdb")
+    before = counts(db)
+    killed = subprocess.run(
+        [sys.executable, "-m", "robmia_db", "score", "--attack", "loss", "--db", str(db)],
+        capture_output=True, text=True, timeout=300, env=clean_env(ROBMIA_TEST_KILL_AT=BEFORE_CALIBRATION),
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert counts(db) == before
+    [left] = scratch_folders(db)
+    staged = list(left.glob("*.parquet"))
+    assert staged and sum(pq.read_metadata(f).num_rows for f in staged) == 8 * 600
+    live = db.parent / f".{db.name}.score-tmp{os.getpid()}-live"  # this process: alive, so not garbage
+    live.mkdir()
+    dry = cli("gc", "--dry-run", "--db", str(db))
+    assert dry.returncode == 0, dry.stderr
+    assert left.name in dry.stdout and "staged scores of a killed score run" in dry.stdout
+    assert live.name not in dry.stdout
+    assert scratch_folders(db) == sorted([left, live])
+    done = cli("gc", "--db", str(db))
+    assert done.returncode == 0, done.stderr
+    assert "removed 1 file" in done.stdout, done.stdout
+    assert scratch_folders(db) == [live]
+    assert counts(db) == before
+    live.rmdir()
+    assert cli("score", "--attack", "loss", "--resamples", "0", "--db", str(db)).returncode == 0
     assert counts(db)["metrics"] == 8
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
@@ -429,29 +430,31 @@ def grouped_intervals(
     return pa.table(arrays)
 
 
-def write_intervals(con, attack_name: str, attack_key: str, n_resamples: int = DEFAULT_RESAMPLES) -> None:
-    """The hook `scoring` calls after writing metrics: intervals of the scores in ``_new_scores``.
+def write_intervals(
+    con, attack_name: str, attack_key: str, n_resamples: int, units: str, labelled: pa.Table
+) -> None:
+    """The hook `scoring` calls after writing metrics: intervals of the units in the registered table `units`.
 
-    Runs inside scoring's transaction, on its connection, with ``_new_scores`` and ``_done`` registered.
+    Runs inside scoring's transaction, on its connection. `labelled` holds every row of those units
+    (model_key, perturbation, example_id, score, is_member): one part of the run, never the whole store.
     """
     con.execute(
-        """DELETE FROM metric_intervals WHERE attack_key IN (SELECT attack_key FROM attacks WHERE name = ?)
-           AND (model_key, perturbation) IN (SELECT model_key, perturbation FROM _done)""",
+        f"""DELETE FROM metric_intervals WHERE attack_key IN (SELECT attack_key FROM attacks WHERE name = ?)
+           AND (model_key, perturbation) IN (SELECT model_key, perturbation FROM {units})""",
         [attack_name],
     )
     if n_resamples <= 0:
         return
-    # one (model, perturbation) at a time: memory holds one model's scores, not the run's
-    groups = con.execute("SELECT model_key, perturbation FROM _done ORDER BY ALL").fetchall()
+    # one (model, perturbation) at a time: memory holds one model's rows on top of the part
+    groups = con.execute(f"SELECT model_key, perturbation FROM {units} ORDER BY ALL").fetchall()
     parts = []
     for model_key, perturbation in groups:
-        rows = con.sql(
-            """SELECT s.model_key, s.perturbation, s.example_id, s.score, b.is_member FROM _new_scores s
-               JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
-               WHERE s.model_key = $model AND s.perturbation = $perturbation AND b.model_key = $model""",
-            params={"model": model_key, "perturbation": perturbation},
-        ).to_arrow_table()
-        parts.append(grouped_intervals(rows, ["model_key", "perturbation"], n_resamples, DEFAULT_SEED))
+        same = pc.and_(
+            pc.equal(labelled["model_key"], model_key), pc.equal(labelled["perturbation"], perturbation)
+        )
+        parts.append(
+            grouped_intervals(labelled.filter(same), ["model_key", "perturbation"], n_resamples, DEFAULT_SEED)
+        )
     if not parts:
         return
     intervals = pa.concat_tables(parts)
@@ -460,7 +463,7 @@ def write_intervals(con, attack_name: str, attack_key: str, n_resamples: int = D
     con.execute(
         f"""INSERT INTO metric_intervals
             SELECT ?, i.model_key, i.perturbation, d.inputs_key, ?, ?, ?, {columns}
-            FROM _new_intervals i JOIN _done d USING (model_key, perturbation)""",
+            FROM _new_intervals i JOIN {units} d USING (model_key, perturbation)""",
         [attack_key, n_resamples, DEFAULT_SEED, DEFAULT_CONFIDENCE],
     )
     con.unregister("_new_intervals")

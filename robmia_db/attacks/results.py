@@ -5,10 +5,12 @@ leaves either everything or nothing (a rerun then finds nothing cached and redoe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,88 +26,77 @@ from robmia_db.attacks.metrics import calibrated_balanced_accuracy, compute_metr
 from robmia_db.attacks.nested_calibration import OFF_NOTE, NestedCalibration
 from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.store.connection import transaction, writing
+from robmia_db.store.scratch import score_scratch_prefix, stale_score_scratch
 from robmia_db.testhooks import fail_point, kill_point
 
 # crash point while the scores are staged, before the store is opened for writing (robmia_db.testhooks)
 STAGING_SCORES = "score-staging"
 # memory DuckDB may use for the one write transaction (metrics, joins); larger intermediates spill to disk
 WRITE_MEMORY_LIMIT = "1GB"
+# labelled score rows whose metrics and intervals are computed at once inside the write transaction
+METRICS_ROWS_PER_PART = 2_000_000
 # crash point between the metrics and the calibration, inside the transaction (robmia_db.testhooks)
 BEFORE_CALIBRATION = "score-before-calibration"
 NO_REFERENCE_NOTE = "no reference models with this attack's scores on this perturbation"
 
 
 class ScoreStage:
-    """One attack run's scores, appended part by part to a Parquet file beside the store.
+    """One attack run's scores, one Parquet file per scored batch, in a scratch folder beside the store.
 
-    Memory then holds one part's scores, not the run's; `write_results` inserts the file in its one
-    transaction (a single streamed INSERT, which DuckDB writes to the store as it goes). The file is a
-    scratch copy: it is removed when the run ends, and the next run removes one a killed run left
-    (`.<store>.score-tmp<PID>-*/`).
+    Memory then holds one batch's scores, not the run's; `write_results` inserts every file in its one
+    transaction (a single streamed INSERT, which DuckDB writes to the store as it goes) and computes the
+    metrics part by part (`parts`), so that the write too holds one part, whatever the size of the store.
+    The folder is removed when the run ends; one that a killed run left (`.<store>.score-tmp<PID>-*/`) is
+    removed by the next `score` or by `gc` (`store.scratch`).
     """
 
     def __init__(self, db_path: str | Path):
         self.real = Path(db_path).resolve()
         self.folder: Path | None = None
-        self.path: Path | None = None
+        self.files: list[tuple[Path, int, list[ScoreUnit]]] = []  # (file, rows, the units it scores)
         self.num_rows = 0
-        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
 
     def __enter__(self) -> ScoreStage:
         return self
 
     def __exit__(self, exc_type, *rest) -> None:
-        try:
-            self.close()
-        except OSError:
-            if exc_type is None:  # on a full disk the run's own error is the one to report
-                raise
-        finally:
-            if self.folder is not None:
-                shutil.rmtree(self.folder, ignore_errors=True)
-                self.folder = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
-    def _remove_stale(self, parent: Path) -> None:
-        """Scratch folders of score runs that died (kill -9) are removed by the next one."""
-        for folder in parent.glob(f".{self.real.name}.score-tmp*-*"):
-            pid = folder.name.rsplit(".score-tmp", 1)[1].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(folder, ignore_errors=True)
-
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, units: list[ScoreUnit]) -> None:
+        """Stages the scores of `units` (every row of those units: a unit is never split between files)."""
         table = table.replace_schema_metadata(None)  # parts must share one schema (a DataFrame adds its own)
-        if self._writer is None:
-            parent = self.real.parent
-            self._remove_stale(parent)
-            self.folder = Path(
-                tempfile.mkdtemp(prefix=f".{self.real.name}.score-tmp{os.getpid()}-", dir=parent)
-            )
-            self.path = self.folder / "scores.parquet"
-            self._writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        if self.folder is None:
+            for stale in stale_score_scratch(self.real):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=score_scratch_prefix(self.real), dir=self.real.parent))
+            self._schema = table.schema
+        else:
+            table = table.cast(self._schema)
         fail_point(STAGING_SCORES)
         kill_point(STAGING_SCORES)
-        self._writer.write_table(table, row_group_size=1 << 20)
+        path = self.folder / f"scores-{len(self.files):06d}.parquet"
+        pq.write_table(table, path, compression="zstd", row_group_size=1 << 20)
+        self.files.append((path, table.num_rows, list(units)))
         self.num_rows += table.num_rows
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def relation(self, files: list[Path] | None = None) -> str:
+        """SQL that reads staged scores (model_key, example_id, score, perturbation): all, or `files`."""
+        paths = [str(f).replace("'", "''") for f in (files or [f for f, _, _ in self.files])]
+        return "read_parquet([{}])".format(", ".join(f"'{p}'" for p in paths))
 
-    def relation(self) -> str:
-        """SQL that reads the staged scores (model_key, example_id, score, perturbation)."""
-        self.close()
-        return "read_parquet('{}')".format(str(self.path).replace("'", "''"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def parts(self, max_rows: int) -> Iterator[tuple[str, list[ScoreUnit]]]:
+        """(relation, units) of consecutive files of at most `max_rows` rows together (one file at least)."""
+        chunk: list[tuple[Path, int, list[ScoreUnit]]] = []
+        for item in self.files:
+            if chunk and sum(rows for _, rows, _ in chunk) + item[1] > max_rows:
+                yield self.relation([f for f, _, _ in chunk]), [u for _, _, us in chunk for u in us]
+                chunk = []
+            chunk.append(item)
+        if chunk:
+            yield self.relation([f for f, _, _ in chunk]), [u for _, _, us in chunk for u in us]
 
 
 _DECISION_SQL = """
@@ -125,21 +116,16 @@ def _decision_columns(prefix: str = "d.") -> str:
     return f"0.5 * ({tpr} + 1 - {fpr}) AS decision_accuracy, {tpr} AS decision_tpr, {fpr} AS decision_fpr"
 
 
-def _empty_decision(con: duckdb.DuckDBPyConnection, groups: list[str]) -> None:
-    cols = ", ".join(f"CAST(NULL AS VARCHAR) AS {g}" for g in groups)
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE _decision AS SELECT {cols}, 0 AS d_p, 0 AS d_n, 0 AS d_tp, 0 AS d_fp LIMIT 0"
-    )
-
-
-def _decision_table(
+def _decision_rows(
     con: duckdb.DuckDBPyConnection, attack: AttackDefinition, source: str, groups: list[str]
-) -> None:
+) -> pa.Table:
+    """Per group, the counts `_decision_columns` reads (no rows for an attack without a decision rule)."""
     if attack.decision_threshold is None:
-        _empty_decision(con, groups)
-        return
+        fields = [pa.field(g, pa.string()) for g in groups]
+        fields += [pa.field(c, pa.int64()) for c in ("d_p", "d_n", "d_tp", "d_fp")]
+        return pa.schema(fields).empty_table()
     sql = _DECISION_SQL.format(groups=", ".join(groups), source=source)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _decision AS {sql}", {"threshold": attack.decision_threshold})
+    return con.execute(sql, {"threshold": attack.decision_threshold}).to_arrow_table()
 
 
 def write_results(
@@ -160,17 +146,12 @@ def write_results(
 ) -> None:
     attack_key = attack.attack_key
     now = datetime.now(timezone.utc)
-    units_table = pa.table(
-        {
-            "model_key": pa.array([u.model_key for u in units], pa.string()),
-            "perturbation": pa.array([u.perturbation for u in units], pa.string()),
-            "inputs_key": pa.array([inputs_keys[(u.model_key, u.perturbation)] for u in units], pa.string()),
-            "n_nonfinite": pa.array(
-                [nonfinite.get((u.model_key, u.perturbation), 0) for u in units], pa.int32()
-            ),
-        }
-    )
-    with writing(db_path, memory_limit=WRITE_MEMORY_LIMIT) as con, transaction(con):
+    units_table = _units_table(units, inputs_keys, nonfinite)
+    with (
+        writing(db_path, memory_limit=WRITE_MEMORY_LIMIT) as con,
+        _side_connection() as side,
+        transaction(con),
+    ):
         con.execute(
             """INSERT INTO attacks (attack_key, name, title, paper, description, language, source_path, source,
                                     params, needs, created_at, base_name, origin, decision_threshold, nonfinite)
@@ -198,10 +179,25 @@ def write_results(
             [attack.name],
         )
         if scores.num_rows:
-            con.execute(f"CREATE OR REPLACE TEMP VIEW _new_scores AS SELECT * FROM {scores.relation()}")
-            _insert_scores_and_metrics(con, attack, len(units), seconds, now)
-            # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
-            write_intervals(con, attack.name, attack_key, resamples)
+            con.execute(
+                f"INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM {scores.relation()}",
+                [attack_key],
+            )
+            # metrics part by part: what DuckDB and numpy hold is one part's labelled scores, not the run's
+            for relation, part_units in scores.parts(METRICS_ROWS_PER_PART):
+                con.register("_part", _units_table(part_units, inputs_keys, nonfinite))
+                # the models as constants: pushed into the scan of `membership`, which then skips other models
+                models = ", ".join(sorted({"'" + u.model_key.replace("'", "''") + "'" for u in part_units}))
+                labelled = con.sql(
+                    f"""SELECT s.model_key, s.perturbation, s.example_id, s.score, b.is_member FROM {relation} s
+                        JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
+                        WHERE b.model_key IN ({models})"""
+                ).to_arrow_table()
+                _insert_metrics(con, side, attack, labelled, len(units), seconds, now)
+                # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
+                write_intervals(con, attack.name, attack_key, resamples, units="_part", labelled=labelled)
+                con.unregister("_part")
+                del labelled
             fail_point(BEFORE_CALIBRATION)
             kill_point(BEFORE_CALIBRATION)
             _calibrate(con, attack, references, nested)
@@ -213,21 +209,56 @@ def write_results(
             )
 
 
-def _insert_scores_and_metrics(
+def _units_table(
+    units: list[ScoreUnit], inputs_keys: dict[tuple[str, str], str], nonfinite: dict[tuple[str, str], int]
+) -> pa.Table:
+    return pa.table(
+        {
+            "model_key": pa.array([u.model_key for u in units], pa.string()),
+            "perturbation": pa.array([u.perturbation for u in units], pa.string()),
+            "inputs_key": pa.array([inputs_keys[(u.model_key, u.perturbation)] for u in units], pa.string()),
+            "n_nonfinite": pa.array(
+                [nonfinite.get((u.model_key, u.perturbation), 0) for u in units], pa.int32()
+            ),
+        }
+    )
+
+
+@contextlib.contextmanager
+def _side_connection() -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB for the metrics of one part's rows, beside the store's write transaction.
+
+    An Arrow table registered on the transaction's connection stays alive until COMMIT (its dropped view is
+    kept for a rollback), so registering each part there would hold every part: about 90 MB per 2 M rows.
+    """
+    side = duckdb.connect()
+    try:
+        side.execute(f"SET memory_limit = '{WRITE_MEMORY_LIMIT}'")
+        side.execute(f"SET threads = {min(2, os.cpu_count() or 1)}")
+        yield side
+    finally:
+        side.close()
+
+
+def _insert_metrics(
     con: duckdb.DuckDBPyConnection,
+    side: duckdb.DuckDBPyConnection,
     attack: AttackDefinition,
+    labelled: pa.Table,
     n_units: int,
     seconds: float,
     now,
 ) -> None:
-    con.execute(
-        "INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM _new_scores",
-        [attack.attack_key],
-    )
-    labelled = """(SELECT s.model_key, s.perturbation, s.score, b.is_member FROM _new_scores s
-                   JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id)"""
-    con.register("_new_metrics", compute_metrics(con, labelled, ["model_key", "perturbation"]))
-    _decision_table(con, attack, labelled, ["model_key", "perturbation"])
+    """Metrics of the units in the registered table `_part`, from `labelled` (their scores with is_member),
+    computed on `side`: only the per-unit results are registered on the transaction's connection."""
+    side.register("_labelled", labelled)
+    try:
+        new_metrics = compute_metrics(side, "_labelled", ["model_key", "perturbation"])
+        decision = _decision_rows(side, attack, "_labelled", ["model_key", "perturbation"])
+    finally:
+        side.unregister("_labelled")
+    con.register("_new_metrics", new_metrics)
+    con.register("_decision", decision)
     con.execute(
         f"""INSERT INTO metrics (attack_key, model_key, perturbation, inputs_key, balanced_accuracy, auc,
                                  tpr_at_fpr_0, tpr_at_fpr_1e4, tpr_at_fpr_1e3, tpr_at_fpr_1e2, advantage, threshold,
@@ -237,10 +268,12 @@ def _insert_scores_and_metrics(
                   m.tpr_at_fpr_1e4, m.tpr_at_fpr_1e3, m.tpr_at_fpr_1e2, m.advantage, m.threshold, m.n_members,
                   m.n_nonmembers, m.tp_at_best, m.fp_at_best, m.auc_numerator2, u.n_nonfinite,
                   {_decision_columns()}, ?, ?
-           FROM _new_metrics m JOIN _done u USING (model_key, perturbation)
+           FROM _new_metrics m JOIN _part u USING (model_key, perturbation)
            LEFT JOIN _decision d USING (model_key, perturbation)""",
         [attack.attack_key, seconds / max(1, n_units), now],
     )
+    con.unregister("_new_metrics")
+    con.unregister("_decision")
 
 
 def _calibrate(
@@ -370,12 +403,16 @@ def _scores_by_model(
            ORDER BY s.model_key""",
         params={"key": attack_key, "perturbation": perturbation, "models": model_keys},
     ).to_arrow_table()
-    keys = table.column("model_key").to_numpy(zero_copy_only=False)
+    # model keys as dictionary codes: an object array of one Python string per row would cost ~10x the scores
+    coded = table.column("model_key").combine_chunks().dictionary_encode()
+    names = coded.dictionary.to_pylist()
+    keys = coded.indices.to_numpy(zero_copy_only=False)
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(float)
     members = table.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
+    del table, coded
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.array([], int)
     ends = np.r_[starts[1:], len(keys)]
-    return {str(keys[a]): (scores[a:b], members[a:b]) for a, b in zip(starts.tolist(), ends.tolist())}
+    return {names[keys[a]]: (scores[a:b], members[a:b]) for a, b in zip(starts.tolist(), ends.tolist())}
 
 
 def _fleet_metrics(
@@ -407,7 +444,7 @@ def _fleet_metrics(
         )
     )
     con.register("_fleet_metrics", compute_metrics(con, "_fleet_scores", ["recipe_key", "perturbation"]))
-    _decision_table(con, attack, "_fleet_scores", ["recipe_key", "perturbation"])
+    con.register("_decision", _decision_rows(con, attack, "_fleet_scores", ["recipe_key", "perturbation"]))
     con.execute(
         "DELETE FROM fleet_metrics WHERE attack_key IN (SELECT attack_key FROM attacks WHERE name = ?) "
         "AND recipe_key IN (SELECT recipe_key FROM _fleets)",

@@ -124,18 +124,24 @@ def read_relations(
     if attack.needs_reference:
         return _read_fleet_relations(store, attack, units)
     store.register("_units", _units_table(units))
+    # the units' signal keys as constants: DuckDB pushes them into the scan of `signals` (whose row groups
+    # follow the inserts, one perturbation at a time) and skips the rest of the store; joined to `_units`
+    # alone it planned a hash join that held GBs of a 1e8-row store to read 2 M rows
+    keys = ", ".join(sorted({"'" + k.replace("'", "''") + "'" for u in units for k in u.signal_keys}))
     relations: dict[str, pa.Table] = {}
     try:
         if attack.signal_kind is None:
             relations["target"] = store.sql(
-                """SELECT s.* EXCLUDE (is_member) FROM v_signals s
-                   JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.perturbation"""
+                f"""SELECT s.* EXCLUDE (is_member) FROM v_signals s
+                   JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.perturbation
+                   WHERE s.signal_key IN ({keys})"""
             ).to_arrow_table()
         else:
             for kind in (n for n in attack.needs if n in KIND_NEEDS):
                 relations[kind] = store.sql(
                     f"""SELECT s.* EXCLUDE (is_member) FROM v_signals s
-                        JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.{kind}_perturbation"""
+                        JOIN _units u ON s.model_key = u.model_key AND s.perturbation = u.{kind}_perturbation
+                        WHERE s.signal_key IN ({keys})"""
                 ).to_arrow_table()
             relations["target"] = relations[attack.signal_kind]
     finally:

@@ -288,7 +288,7 @@ def score_attacks(
                             if batch[0].calibrates is not None:
                                 nested.add(batch[0], table, relations["reference"])
                                 continue
-                            stage.add(table)
+                            stage.add(table, batch)
                             nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
                         nested.finish()
                         del relations

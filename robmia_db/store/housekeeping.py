@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from robmia_db.store.connection import (
     transaction,
     writing,
 )
+from robmia_db.store.scratch import stale_score_scratch
 
 _CHECKPOINT = re.compile(r"^(?P<key>[0-9a-f]+)\.pt$")
 _PARTIAL = re.compile(r"^(?P<key>[0-9a-f]+)\.partial\.pt$")
@@ -312,8 +314,14 @@ def storage_version(con: duckdb.DuckDBPyConnection) -> str | None:
     return rows[0][0] if rows else None
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def _find_garbage(db_path: Path, stored: dict[str, str], partial: bool) -> Garbage:
     garbage = Garbage()
+    for scratch in stale_score_scratch(db_path):
+        garbage.files.append((scratch, _folder_bytes(scratch), "staged scores of a killed score run"))
     folder = checkpoint_dir(db_path)
     if not folder.is_dir():
         return garbage
@@ -370,7 +378,7 @@ def collect_garbage(
 ) -> Garbage:
     """Remove leftover checkpoint files and return the space of deleted rows to the file system.
 
-    Removed: `*.tmp*` files of killed writes, checkpoints of models not in the store, partial checkpoints
+    Removed: staged scores of killed `score` runs, `*.tmp*` files of killed writes, checkpoints of models not in the store, partial checkpoints
     of finished models (and, with `partial`, those of unfinished ones: their training restarts from 0).
     Then a DuckDB CHECKPOINT, and with `compact` a rewrite of the file (which also converts a store
     written by an older robmia-db to the compatible storage format).
@@ -392,7 +400,10 @@ def collect_garbage(
     with run_lock(db_path, command="robmia-db gc"):
         garbage, garbage.storage_before = survey()
         for path, _, _ in garbage.files:
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         garbage.size_before = _store_bytes(db_path)
         with writing(db_path) as con:
             con.execute("CHECKPOINT")
