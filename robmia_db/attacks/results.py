@@ -125,7 +125,7 @@ def _decision_rows(
         fields += [pa.field(c, pa.int64()) for c in ("d_p", "d_n", "d_tp", "d_fp")]
         return pa.schema(fields).empty_table()
     sql = _DECISION_SQL.format(groups=", ".join(groups), source=source)
-    return con.execute(sql, {"threshold": attack.decision_threshold}).to_arrow_table()
+    return con.sql(sql, params={"threshold": attack.decision_threshold}).to_arrow_table()
 
 
 def write_results(
