@@ -400,7 +400,7 @@ def main() -> None:
     print(
         f"{n_models} models x {n} examples x {len(PERTURBATIONS)} perturbations (scale {args.scale}); "
         f"numpy {report['numpy_seconds']} s (the faster of {report['numpy_seconds_before_and_after_ours']}, "
-        "run before and after ours), numpy with our algorithm {report['numpy_sorted_seconds']} s\n"
+        f"run before and after ours), numpy with our algorithm {report['numpy_sorted_seconds']} s\n"
         f"  attacks alone: {report['ours_attack_only_seconds']} s = {report['ratio_attack_only_over_numpy']}x numpy "
         f"({report['ratio_attack_only_over_numpy_sorted']}x numpy with our algorithm)\n"
         f"  end to end, no intervals, no calibration: {report['ours_seconds_no_intervals']} s = "
