@@ -148,9 +148,15 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_partial_checkpoint(flee
     ).to_pylist()[0]
     history = json.loads(row["train_history"])
     assert [h["epoch"] for h in history] == list(range(1, 11))
-    # the epochs trained before the kill count in train_seconds
+    # the epochs trained before the kill count: the running training time never restarts at the resume,
+    # and train_seconds covers it. (train_seconds also holds the retried worker's set-up, torch.load and
+    # first-step warm-up, which can dwarf these tiny epochs on a loaded machine: no ratio between the two.)
+    elapsed = [h["elapsed_seconds"] for h in history]
+    assert elapsed == sorted(elapsed)
+    for epoch, entry in enumerate(history, start=1):
+        assert entry["elapsed_seconds"] >= sum(h["seconds"] for h in history[:epoch]) - 1e-9
+    assert row["train_seconds"] >= history[-1]["elapsed_seconds"]
     assert row["train_seconds"] >= sum(h["seconds"] for h in history)
-    assert history[-1]["elapsed_seconds"] == pytest.approx(row["train_seconds"], rel=0.5)
 
 
 def test_a_failing_model_is_recorded_while_the_others_land(fleet):

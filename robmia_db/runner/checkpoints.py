@@ -8,7 +8,6 @@ swapped files or an MLP's checkpoint under a CNN's key fail that model instead o
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import time
 from pathlib import Path
@@ -19,18 +18,9 @@ from robmia_db.errors import CheckpointError, TrainingDivergedError
 from robmia_db.runner.models import load_checkpoint
 from robmia_db.spec import ModelJob, PerturbationJob
 from robmia_db.store.connection import checkpoint_dir, resolved
+from robmia_db.store.scratch import pid_alive
 
 LEFTOVER_AGE_S = 24 * 3600.0  # a tmp file this old is a leftover even if its PID was reused since
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_leftovers(folder: Path) -> list[Path]:
@@ -49,7 +39,7 @@ def clean_leftovers(folder: Path) -> list[Path]:
             age = time.time() - tmp.stat().st_mtime
         except OSError:
             continue
-        if _pid_alive(int(match.group(1))) and age < LEFTOVER_AGE_S:
+        if pid_alive(int(match.group(1))) and age < LEFTOVER_AGE_S:
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)

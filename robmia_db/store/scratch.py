@@ -28,12 +28,13 @@ def stale_score_scratch(db_path: str | Path) -> list[Path]:
     found = []
     for folder in score_scratch_folders(db_path):
         pid = folder.name.rsplit(SCORE_SCRATCH, 1)[1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             found.append(folder)
     return found
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
