@@ -20,13 +20,12 @@ from torch import Tensor, nn
 from robmia_db.runner.bounds_core import (
     _check_labels,
     _input_box,
-    _interval_pass,
     _model_dtype,
     _Network,
     check_supported,
 )
-from robmia_db.runner.bounds_interval import elided_margins, interval_last
-from robmia_db.runner.bounds_linear import _final_backward, _ibp_relaxations, _linear_relaxations
+from robmia_db.runner.bounds_interval import elided_margins, interval_last, interval_relaxations
+from robmia_db.runner.bounds_linear import _final_backward, _linear_relaxations
 from robmia_db.runner.bounds_projected import projected_relaxations
 from robmia_db.runner.bounds_zonotope import _zonotope_margins
 
@@ -105,8 +104,8 @@ def margin_lower_bounds(
     if method == "ibp":
         return elided_margins(net, interval_last(net, box_lower, box_upper, penultimate, owned=True), y)
     if method == "crown_ibp":
-        bounds = _interval_pass(net, box_lower, box_upper, penultimate)
-        return _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)
+        relaxations, _ = interval_relaxations(net, box_lower, box_upper, penultimate)
+        return _final_backward(net, y, relaxations, box_lower, box_upper)
     if method == "crown":
         relaxations = _linear_relaxations(net, box_lower, box_upper, "adaptive", unstable_only=True)
         return _final_backward(net, y, relaxations, box_lower, box_upper)
@@ -185,12 +184,11 @@ def crown_ibp_margin_bounds(
     net = _Network.build(model, x)
     y = _check_labels(y, x, net.layers[-1].out_features)
     box_lower, box_upper = _input_box(x, eps, x_min, x_max, _model_dtype(model))
-    bounds = _interval_pass(net, box_lower, box_upper, len(net.layers) - 1)
-    lower, upper = bounds[-1]
-    ibp = elided_margins(net, (upper + lower, upper - lower, None), y) if beta < 1.0 else None
+    relaxations, last = interval_relaxations(net, box_lower, box_upper, len(net.layers) - 1)
+    ibp = elided_margins(net, last, y) if beta < 1.0 else None
     if beta == 0.0:
         return ibp
-    crown = _final_backward(net, y, _ibp_relaxations(bounds, net, "adaptive"), box_lower, box_upper)
+    crown = _final_backward(net, y, relaxations, box_lower, box_upper)
     if ibp is None:
         return crown
     return beta * crown + (1.0 - beta) * ibp

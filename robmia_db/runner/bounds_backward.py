@@ -94,12 +94,12 @@ def backward_rows(
             spec = spec @ internal_weight(layer, net, index)
         elif isinstance(layer, nn.Conv2d):
             c_out, h_out, w_out = net.shapes[index + 1]
-            if layer.bias is not None:
-                bias = bias + spec.reshape(n, s, h_out * w_out, c_out).sum(2) @ layer.bias
             # The channels-last spec seen as an NCHW tensor with channels-last strides (no copy).
             maps = spec.reshape(n * s, h_out, w_out, c_out).permute(0, 3, 1, 2)
             if index == 0 and tuple(layer.dilation) == (1, 1):
-                return _concretize_phases(layer, net, maps, bias, box)
+                return _concretize_phases(layer, net, spec, maps, bias, box)
+            if layer.bias is not None:
+                bias = bias + spec.reshape(n, s, h_out * w_out, c_out).sum(2) @ layer.bias
             spec = _conv_transpose(layer, maps, net.shapes[index]).permute(0, 2, 3, 1).reshape(n, s, -1)
         owned = owned or not isinstance(layer, nn.Flatten)
         # Flatten: the internal order of its output is its input's, so nothing moves.
@@ -158,21 +158,31 @@ def _phase_weight(layer: nn.Conv2d) -> Tensor:
 
 
 def _concretize_phases(
-    layer: nn.Conv2d, net: _Network, maps: Tensor, bias: Tensor, box: tuple[Tensor, Tensor]
+    layer: nn.Conv2d, net: _Network, spec: Tensor, maps: Tensor, bias: Tensor, box: tuple[Tensor, Tensor]
 ) -> Tensor:
     """Concretize through the first convolution without assembling the input-sized spec.
 
     conv_transpose2d to a few channels (1 for grey images) is up to 4x slower on CPU than a convolution to
     C_in * stride^2 channels; the result is the input spec in "phase" layout (each output pixel exactly once,
-    plus zero-weight cells past the borders), and the box is rearranged to the same layout instead.
+    plus zero-weight cells past the borders), and the box radius is rearranged to the same layout instead.
+    The centre term needs no input spec: <W^T a, c> + <a, b> = <a, W c + b>, one product with the layer's
+    output at the box centre (per sample, not per spec), which also takes the layer's bias.
+
+    Args:
+        spec: (N, S, F_1) on the layer's output, internal order; `maps` is the same as NCHW (N * S, C, H, W).
     """
     n, s = bias.shape
+    center, radius = box
+    c, h, w = net.shapes[0]
+    image = center.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    output = F.conv2d(image, layer.weight, layer.bias, layer.stride, layer.padding)
+    bias = bias + _dot(output.permute(0, 2, 3, 1).reshape(n, 1, -1), spec)
     phase_weight = _phase_weight(layer)
     ph, pw = phase_weight.shape[-2:]
     phases = F.conv2d(maps, phase_weight, None, 1, (ph - 1, pw - 1))
-    center, radius = (_phase_layout(t, layer, net, phases.shape[-2:]) for t in box)
     flat = phases.permute(0, 2, 3, 1).reshape(n, s, -1)
-    return _concretize(flat, bias, center, radius, in_place=not flat.requires_grad)
+    radius = _phase_layout(radius, layer, net, phases.shape[-2:])
+    return bias - _dot(radius, flat.abs_() if not flat.requires_grad else flat.abs())
 
 
 def _phase_layout(t: Tensor, layer: nn.Conv2d, net: _Network, grid: torch.Size) -> Tensor:

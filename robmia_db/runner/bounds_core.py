@@ -205,17 +205,6 @@ def _interval_step(layer: nn.Module, lower: Tensor, upper: Tensor) -> tuple[Tens
     return lower, center.add_(radius)  # the convolution's backward needs its inputs, not its output
 
 
-def _interval_pass(net: _Network, lower: Tensor, upper: Tensor, upto: int) -> list[tuple[Tensor, Tensor]]:
-    """Interval bounds of h_0 .. h_upto (`bounds_interval.interval_last` when only the last are wanted)."""
-    # Measured on CPU: convolutions of channels-last maps run faster here (up to 2x for the transposed ones
-    # of the backward passes, which read these bounds' layout).
-    lower, upper = channels_last(lower), channels_last(upper)
-    bounds = [(lower, upper)]
-    for layer in net.layers[:upto]:
-        bounds.append(_interval_step(layer, *bounds[-1]))
-    return bounds
-
-
 # --------------------------------------------------------------------------------------------------
 # Margin specification
 

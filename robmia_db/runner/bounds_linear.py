@@ -88,7 +88,7 @@ def _backward_lower(
     spec: Tensor,
     bias: Tensor,
     start: int,
-    relaxations: dict[int, _Relaxation],
+    relaxations: dict[int, _Relaxation | tuple[Tensor, Tensor, Tensor]],
     box_lower: Tensor,
     box_upper: Tensor,
     internal: bool = False,
@@ -102,7 +102,12 @@ def _backward_lower(
     n, s = spec.shape[:2]
     if not internal:
         spec = to_internal(spec, net, start, lead=2)
-    flat = {i: flat_relaxation(r, net, i) for i, r in relaxations.items() if i < start}
+    # Relaxations given as tuples are flat already (bounds_interval.interval_relaxations).
+    flat = {
+        i: r if isinstance(r, tuple) else flat_relaxation(r, net, i)
+        for i, r in relaxations.items()
+        if i < start
+    }
     center = to_internal((box_upper + box_lower) / 2, net, 0).unsqueeze(1)
     radius = to_internal((box_upper - box_lower) / 2, net, 0).unsqueeze(1)
     widest = max(net.size(i) for i in range(start + 1))
@@ -445,18 +450,12 @@ def _linear_relaxations(
 
 
 def _final_backward(
-    net: _Network, y: Tensor, relaxations: dict[int, _Relaxation], box_lower: Tensor, box_upper: Tensor
+    net: _Network,
+    y: Tensor,
+    relaxations: dict[int, _Relaxation | tuple[Tensor, Tensor, Tensor]],
+    box_lower: Tensor,
+    box_upper: Tensor,
 ) -> Tensor:
     spec, bias, others = _margin_spec(net.layers[-1], y)
     lower = _backward_lower(net, spec, bias, len(net.layers) - 1, relaxations, box_lower, box_upper)
     return _scatter_margins(lower, others, net.layers[-1].out_features)
-
-
-def _ibp_relaxations(
-    bounds: list[tuple[Tensor, Tensor]], net: _Network, lower_rule: str
-) -> dict[int, _Relaxation]:
-    return {
-        index: _relu_relaxation(*bounds[index], lower_rule)
-        for index, layer in enumerate(net.layers)
-        if isinstance(layer, nn.ReLU)
-    }
