@@ -764,6 +764,44 @@ def _announce(
     notify(reporter, "run_context", parallel, estimates)
 
 
+# glibc's defaults hand freed heap memory back to the system (above a 128 KiB trim threshold, raised
+# dynamically up to 64 MiB) and map blocks above 128 KiB-32 MiB afresh, so a training step that allocates
+# some MB of activations faults every page in again on the next step (about 1 us per 4 KiB page here).
+# 1 GiB for both keeps freed memory in the process instead: the resident size stays at its peak.
+_MALLOC_THRESHOLD = 1 << 30
+_MALLOC_ENVIRONMENT = (
+    "GLIBC_TUNABLES",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's trim and mmap thresholds to 1 GiB once for this process (True when set).
+
+    Not done where the user set glibc's malloc tuning in the environment (it wins), nor off glibc (e.g. macOS,
+    musl), nor with ROBMIA_MALLOC=default. Measured in benchmarks/bench_malloc.py (README benchmarks).
+    """
+    if os.environ.get("ROBMIA_MALLOC", "") == "default" or any(
+        name in os.environ for name in _MALLOC_ENVIRONMENT
+    ):
+        return False
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # Both or neither: mmap_threshold alone also disables glibc's dynamic thresholds.
+    return bool(mallopt(m_trim_threshold, _MALLOC_THRESHOLD)) and bool(
+        mallopt(m_mmap_threshold, _MALLOC_THRESHOLD)
+    )
+
+
 def run_specs(
     paths: list[str | Path],
     db_path: str | Path,
@@ -820,6 +858,7 @@ def run_specs(
         (item.spec.runtime.threads for item in loaded if item.spec.runtime.threads), None
     )
     torch.set_num_threads(thread_count or 1)
+    keep_freed_memory()
     if executor == "ray":
         ray_options = ray_options or RayOptions()
         if device not in (None, "auto", "cpu"):
