@@ -17,7 +17,7 @@ import torch
 from bound_models import cnn28, numpy_intervals
 from torch import nn
 
-from robmia_db.runner import bounds_interval
+from robmia_db.runner import bounds_backward, bounds_core, bounds_interval
 from robmia_db.runner.bounds import interval_bounds, margin_lower_bounds
 
 torch.set_num_threads(1)
@@ -201,3 +201,56 @@ def test_cached_weights_leave_with_their_model() -> None:
     del model
     gc.collect()
     assert len(bounds_interval._CACHE) <= len(cached) - 4
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("eps", [EPS, 0.0])
+def test_crown_ibp_relaxations_match_float64_intervals(case: str, eps: float) -> None:
+    """CROWN-IBP's relaxations read off the kernel's pass equal the adaptive triangle relaxation of float64
+    interval bounds (defenses.md: upper slope u / (u - l), intercept -l times it, lower slope 1 where
+    u + l > 0 or l >= 0), in the backward pass's internal order; u = l = 0 (exact zeros at eps 0) takes slope 1."""
+    model, x, y = _case(case)
+    x[:, :, :2] = 0.0  # pixels whose box is the point 0 at eps 0: a ReLU on the box sees u = l = 0 there
+    lower = (x - eps).clamp(0, 1).double().numpy()
+    upper = (x + eps).clamp(0, 1).double().numpy()
+    net = bounds_core._Network.build(model, x)
+    box = bounds_core._input_box(x, eps, 0.0, 1.0, torch.float32)
+    with torch.no_grad():
+        relaxations, (total, difference, _) = bounds_interval.interval_relaxations(net, *box, len(model) - 1)
+    indices = [i for i, layer in enumerate(model) if isinstance(layer, nn.ReLU) and i < len(model) - 1]
+    assert sorted(relaxations) == indices
+    for index in indices:
+        low, high = numpy_intervals(model, lower, upper, index)
+        positive, negative = np.maximum(high, 0), np.maximum(-low, 0)
+        both = positive + negative
+        slope = np.where(both > 0, positive / np.where(both > 0, both, 1), 1.0)
+        active = ((high + low > 0) | (low >= 0)).astype(np.float64)
+        expected = [active, slope * negative, slope - active]
+
+        def internal(a: np.ndarray, index: int = index) -> np.ndarray:
+            t = torch.from_numpy(a).reshape(len(a), *net.shapes[index])
+            return bounds_backward.to_internal(t, net, index).unsqueeze(1).numpy()
+
+        # A tie u + l = 0 may round either way in float32: the lower slope is compared away from ties.
+        decided = internal((np.abs(high + low) > 1e-5).astype(np.float64)) > 0
+        for got, want, name in zip(
+            relaxations[index], map(internal, expected), ("lower", "intercept", "gap")
+        ):
+            got = got.double().numpy()
+            assert got.shape == want.shape, name
+            if name == "intercept":
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+            else:
+                np.testing.assert_allclose(got[decided], want[decided], rtol=1e-4, atol=1e-5, err_msg=name)
+    last = len(model) - 1
+    for got, want in zip(
+        (total - difference, total + difference), numpy_intervals(model, lower, upper, last)
+    ):
+        want = torch.from_numpy(want).reshape(len(x), *net.shapes[last])
+        _assert_matches((got / 2).reshape(len(x), -1), bounds_backward.to_internal(want, net, last).numpy())
+    if eps == 0.0 and case == "relu_first_stacked":
+        # The ReLU on the box: its zero pixels are the degenerate case.
+        lower_slope, intercept, gap = (t.squeeze(1) for t in relaxations[0])
+        zero = x.reshape(len(x), -1) == 0
+        assert zero.any() and (lower_slope[zero] == 1).all() and (gap[zero] == 0).all()
+        assert (intercept[zero] == 0).all()

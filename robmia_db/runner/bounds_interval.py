@@ -198,7 +198,8 @@ def _adaptive_relaxation(total: Tensor, difference: Tensor) -> tuple[tuple[Tenso
     degenerate = denominator == 0
     upper_slope = top.masked_fill(degenerate, 1.0) / denominator.masked_fill_(degenerate, 1.0)
     intercept = upper_slope * negative
-    lower_slope = ((total > 0) | (total >= difference)).to(total.dtype)
+    # t >= d >= 0 with t <= 0 only where t = d = 0, which is where the denominator vanishes.
+    lower_slope = (total > 0).logical_or_(degenerate).to(total.dtype)
     gap = upper_slope - lower_slope if upper_slope.requires_grad else upper_slope.sub_(lower_slope)
     return (_flat(lower_slope), _flat(intercept), _flat(gap)), top
 
