@@ -3,24 +3,25 @@
 Baselines measured in the same run: a plain forward pass and a PGD-20 attack (the paper's evaluation PGD).
 Times are process CPU time at 1 torch thread (robust to other jobs on a shared 2-core machine), the minimum
 of `--repeats` runs after one warm-up, more for kernels of a few ms (the median, the page faults per call and
-the number of repeats are kept in the JSON, with the load average before and after). Last, the forward pass
-and IBP run again interleaved call by call with glibc's heap fixed (`fix_heap`: no page faults for either),
-which is the fair IBP ratio: in the table above each pays the page faults its heap history gives it (the
-forward pass, measured first, ~950 per call; IBP ~40), and the load drifts between sequential minima.
-`--fixed-heap` fixes the heap before everything. At the end it prints the kernel goals at 28x28, eps 0.1:
-IBP within 2x a forward pass (both measured alike: batch 128, same model and dtype, no autograd, one warm-up),
-CROWN-IBP at or below 0.51 ms and CROWN at or below auto_LiRPA's 26.5 ms per sample (defenses.md section
-5.2). The networks are the ones of defenses.md section 5 at their default initialisation (seeded), on
-scikit-learn digits scaled to [0, 1] (bilinearly resized to 28x28).
+the number of repeats are kept in the JSON, with the load average before and after). The process first takes
+the runner's malloc setting (`executor.keep_freed_memory`, as `robmia run` does at its start), so no kernel
+pays page faults for memory glibc handed back after the previous call; `--glibc-default` keeps glibc's
+defaults for the table, where each kernel pays what its heap history gives it (CROWN-IBP ~8,700 faults per
+call, ~0.2 ms per sample here). Last, the forward pass and IBP run again interleaved call by call (the
+setting applied by then), which is the fair IBP ratio: sequential minima drift with the load. At the end it
+prints the kernel goals at 28x28, eps 0.1: IBP within 2x a forward pass (both measured alike: batch 128,
+same model and dtype, no autograd, one warm-up), CROWN-IBP at or below 0.51 ms and CROWN at or below
+auto_LiRPA's 26.5 ms per sample (defenses.md section 5.2). The networks are the ones of defenses.md section
+5 at their default initialisation (seeded), on scikit-learn digits scaled to [0, 1] (bilinearly resized to
+28x28).
 
 Usage: python benchmarks/bench_bounds.py [--out benchmarks/results/bench_bounds.json] [--repeats 3] [--quick]
-       [--fixed-heap]
+       [--glibc-default]
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -136,21 +137,17 @@ def cpu_ms_per_sample(work: Callable[[], object], samples: int, repeats: int) ->
 
 
 def fix_heap() -> bool:
-    """Stop glibc from returning freed memory to the system (True when applied).
+    """The runner's malloc setting (`executor.keep_freed_memory`): freed memory stays in the process (True when set).
 
     By default glibc trims the top of its heap (and maps large blocks afresh) once a few MB are free, so a
     call that allocates some MB faults every page in again on the next call. On this VM that is ~1 us per
     4 KiB page and up to half of a forward pass; how much each kernel pays depends on the heap's history
-    (its dynamic thresholds), i.e. on which kernels ran before. Fixed thresholds remove the page faults for
-    every kernel alike, so the time left is the kernel's own.
+    (its dynamic thresholds), i.e. on which kernels ran before. The runner sets fixed thresholds at its
+    start, which removes the page faults for every kernel alike, so the time left is the kernel's own.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    from robmia_db.runner.executor import keep_freed_memory
+
+    return keep_freed_memory()
 
 
 def bench_setting(
@@ -278,10 +275,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="only 28x28 at eps 0.1 (the goals' setting)")
     parser.add_argument(
-        "--fixed-heap", action="store_true", help="fix glibc's heap first: every kernel without page faults"
+        "--glibc-default",
+        action="store_true",
+        help="keep glibc's malloc defaults for the table (the runner sets its own at start, as here by default)",
     )
     args = parser.parse_args()
-    fixed_from_start = args.fixed_heap and fix_heap()
+    fixed_from_start = not args.glibc_default and fix_heap()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     results: dict[str, object] = {

@@ -19,6 +19,8 @@ from robmia_db.runner.bounds_core import _Network
 # CPU at 28x28: elementwise passes over tens of MB run 2-6x slower per element (no cache reuse, fresh pages
 # per allocation), while transposed convolutions slow down below a few hundred images (1.3x at 333 vs 666).
 _CACHE_BUDGET_ELEMENTS = 2**21
+# The first layer's phase convolution gets its output channels padded to a multiple of this (AVX2's 8 floats).
+_PHASE_CHANNELS = 8
 
 
 def map_order(net: _Network, index: int) -> tuple[int, int, int] | None:
@@ -154,7 +156,11 @@ def _phase_weight(layer: nn.Conv2d) -> Tensor:
     sh, sw = layer.stride
     ph, pw = -(-kh // sh), -(-kw // sw)
     padded = F.pad(weight, (0, pw * sw - kw, 0, ph * sh - kh)).reshape(c_out, c_in, ph, sh, pw, sw)
-    return padded.flip(2, 4).permute(1, 3, 5, 0, 2, 4).reshape(c_in * sh * sw, c_out, ph, pw)
+    phases = padded.flip(2, 4).permute(1, 3, 5, 0, 2, 4).reshape(c_in * sh * sw, c_out, ph, pw)
+    # Zero filters up to a multiple of `_PHASE_CHANNELS`: measured on CPU (oneDNN, AVX2) at 28x28, the
+    # convolution to 8 channels runs 20 % faster than to the 4 of a grey stride-2 layer.
+    extra = -phases.shape[0] % _PHASE_CHANNELS
+    return torch.cat([phases, phases.new_zeros(extra, *phases.shape[1:])]) if extra else phases
 
 
 def _concretize_phases(
@@ -186,14 +192,16 @@ def _concretize_phases(
 
 
 def _phase_layout(t: Tensor, layer: nn.Conv2d, net: _Network, grid: torch.Size) -> Tensor:
-    """An input-box tensor (N, 1, F_0) internal -> (N, 1, grid * C_in * stride^2) in the phase layout."""
+    """An input-box tensor (N, 1, F_0) internal -> (N, 1, grid * channels of `_phase_weight`) in the phase layout."""
     c, h, w = net.shapes[0]
     (sh, sw), (pad_h, pad_w) = layer.stride, layer.padding
     image = t.reshape(-1, h, w, c).permute(0, 3, 1, 2)
     # Image row y sits at full-output row y + pad = s*m + p; rows no output reaches are cut (negative pad).
     full = F.pad(image, (pad_w, grid[1] * sw - w - pad_w, pad_h, grid[0] * sh - h - pad_h))
     cells = full.reshape(-1, c, grid[0], sh, grid[1], sw).permute(0, 2, 4, 1, 3, 5)
-    return cells.reshape(t.shape[0], 1, -1)
+    cells = cells.reshape(t.shape[0], grid[0], grid[1], c * sh * sw)
+    # The zero filters' channels (see `_phase_weight`) get a zero radius.
+    return F.pad(cells, (0, -cells.shape[-1] % _PHASE_CHANNELS)).reshape(t.shape[0], 1, -1)
 
 
 def _dot(vector: Tensor, spec: Tensor) -> Tensor:
