@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robmia_db.runner.bounds_core import _Network
+from robmia_db.runner.bounds_interval import _cached
 
 # Rows of the spec processed at once, in elements of the widest spec tensor (8 MB in float32). Measured on
 # CPU at 28x28: elementwise passes over tens of MB run 2-6x slower per element (no cache reuse, fresh pages
@@ -47,8 +48,9 @@ def to_internal(t: Tensor, net: _Network, index: int, lead: int = 1) -> Tensor:
 
 
 def internal_weight(layer: nn.Linear, net: _Network, index: int) -> Tensor:
-    """The Linear layer at `index` with its columns in the internal order of its input h_index."""
-    return to_internal(layer.weight, net, index)
+    """The Linear layer at `index` with its columns in the internal order of its input h_index (cached)."""
+    order = map_order(net, index)
+    return _cached(("internal", order), layer, lambda: (to_internal(layer.weight, net, index),))[0]
 
 
 def flat_relaxation(relaxation, net: _Network, index: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -146,6 +148,11 @@ def _conv_transpose(layer: nn.Conv2d, maps: Tensor, in_shape: torch.Size) -> Ten
 
 
 def _phase_weight(layer: nn.Conv2d) -> Tensor:
+    """`_make_phase_weight`, cached per parameter version (bounds_interval._cached)."""
+    return _cached(("phase",), layer, lambda: (_make_phase_weight(layer),))[0]
+
+
+def _make_phase_weight(layer: nn.Conv2d) -> Tensor:
     """The transposed convolution as a stride-1 convolution with one output channel per (C_in, phase).
 
     A stride-s transposed convolution writes output pixel s*m + p (phase p) from taps k = s*t + p only; per
