@@ -196,7 +196,9 @@ def _adaptive_relaxation(total: Tensor, difference: Tensor) -> tuple[tuple[Tenso
     top = half_sum.relu_()
     denominator = top + negative
     degenerate = denominator == 0
-    upper_slope = top.masked_fill(degenerate, 1.0) / denominator.masked_fill_(degenerate, 1.0)
+    # 1 / 1 where degenerate (top is 0 there). Not masked_fill, whose copy comes back in NCHW order (a copy
+    # more to flatten). The gradients there stay 0: relu has a zero gradient at 0.
+    upper_slope = (top + degenerate) / denominator.masked_fill_(degenerate, 1.0)
     intercept = upper_slope * negative
     # t >= d >= 0 with t <= 0 only where t = d = 0, which is where the denominator vanishes.
     lower_slope = (total > 0).logical_or_(degenerate).to(total.dtype)
