@@ -60,7 +60,9 @@ def test_the_setting_keeps_freed_memory_where_glibc_returns_it() -> None:
     default, kept = _probe("default"), _probe("set")
     assert default["faults"] > 38.5e6 / 4096
     assert kept["applied"] is True
-    assert kept["faults"] < default["faults"] / 10
+    # Not zero every time: where the heap cannot grow in place, glibc maps the block after all (seen: 0 to
+    # 9,408 pages per step over runs, against 61,000-105,000 by default).
+    assert kept["faults"] < default["faults"] / 4
 
 
 @pytest.mark.parametrize(

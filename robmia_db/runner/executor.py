@@ -769,12 +769,7 @@ def _announce(
 # some MB of activations faults every page in again on the next step (about 1 us per 4 KiB page here).
 # 1 GiB for both keeps freed memory in the process instead: the resident size stays at its peak.
 _MALLOC_THRESHOLD = 1 << 30
-_MALLOC_ENVIRONMENT = (
-    "GLIBC_TUNABLES",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TOP_PAD_",
-)
+_MALLOC_ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def keep_freed_memory() -> bool:
@@ -783,8 +778,10 @@ def keep_freed_memory() -> bool:
     Not done where the user set glibc's malloc tuning in the environment (it wins), nor off glibc (e.g. macOS,
     musl), nor with ROBMIA_MALLOC=default. Measured in benchmarks/bench_malloc.py (README benchmarks).
     """
-    if os.environ.get("ROBMIA_MALLOC", "") == "default" or any(
-        name in os.environ for name in _MALLOC_ENVIRONMENT
+    if (
+        os.environ.get("ROBMIA_MALLOC", "") == "default"
+        or any(name in os.environ for name in _MALLOC_ENVIRONMENT)
+        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
     ):
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
@@ -796,7 +793,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    # Both or neither: mmap_threshold alone also disables glibc's dynamic thresholds.
+    # Setting either one also switches off the dynamic thresholds (glibc raises them after large frees).
     return bool(mallopt(m_trim_threshold, _MALLOC_THRESHOLD)) and bool(
         mallopt(m_mmap_threshold, _MALLOC_THRESHOLD)
     )
