@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from attack_fixtures import import_synthetic, imported_population_outputs, query
@@ -25,6 +26,7 @@ from robmia_db.attacks.metrics import (
     reference_metrics,
 )
 from robmia_db.attacks.scoring import score_attacks
+from robmia_db.attacks.staging import labelled_scores
 
 torch.set_num_threads(1)
 
@@ -173,3 +175,42 @@ def test_score_writes_the_same_metrics_through_numpy_and_sql(fleet_store, tmp_pa
     score_attacks(slow, attacks, force=True, models=[key], resamples=0, calibration_models=0)
     assert _stored(fast) == _stored(slow)
     assert {r["n_targets"] for r in query(fast, "SELECT n_targets FROM fleet_metrics")} == {5}
+
+
+def test_labels_joined_in_memory_equal_the_sql_join(tmp_path):
+    """`labelled_scores` of batches in memory (a sorted lookup) and of staged files (SQL) give the same rows:
+    a score without a membership row is dropped, a duplicated membership row repeats its score (SQL's join;
+    the lookup leaves that case to SQL)."""
+    con = duckdb.connect(str(tmp_path / "m.duckdb"))
+    con.execute("CREATE TABLE membership (model_key VARCHAR, example_id INTEGER, is_member BOOLEAN)")
+    rng = np.random.default_rng(4)
+    models = ["b", "a", "c'x"]
+    rows = [(m, int(i), bool(rng.random() < 0.5)) for m in models for i in range(-5, 300)]
+    con.executemany("INSERT INTO membership VALUES (?, ?, ?)", rows[::-1])
+    ids = np.r_[np.arange(-5, 300), 999]  # 999: no membership row
+    scores = pa.table(
+        {
+            "model_key": np.repeat(models, len(ids)),
+            "example_id": pa.array(np.tile(ids, len(models)), pa.int32()),
+            "score": rng.normal(size=len(ids) * len(models)),
+            "perturbation": np.full(len(ids) * len(models), "benign"),
+        }
+    )
+    pq.write_table(scores, tmp_path / "staged.parquet")
+
+    def rows_of(table: pa.Table) -> list[tuple]:
+        return sorted(tuple(r.values()) for r in table.to_pylist())
+
+    def both() -> tuple[pa.Table, pa.Table]:
+        files = labelled_scores(con, f"read_parquet('{tmp_path / 'staged.parquet'}')", models)
+        return labelled_scores(con, scores, models), files
+
+    in_memory, files = both()
+    assert in_memory.schema == files.schema
+    assert in_memory.column_names == ["model_key", "perturbation", "example_id", "score", "is_member"]
+    assert rows_of(in_memory) == rows_of(files) and in_memory.num_rows == 3 * 305
+    expected = {(m, i): b for m, i, b in rows}
+    assert all(r["is_member"] == expected[(r["model_key"], r["example_id"])] for r in in_memory.to_pylist())
+    con.execute("INSERT INTO membership VALUES ('a', 7, true)")  # a duplicate pair
+    in_memory, files = both()
+    assert rows_of(in_memory) == rows_of(files) and in_memory.num_rows == 3 * 305 + 1

@@ -6,9 +6,6 @@ leaves either everything or nothing (a rerun then finds nothing cached and redoe
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from robmia_db.attacks.definition import AttackDefinition
 from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
@@ -30,12 +26,11 @@ from robmia_db.attacks.metrics import (
 )
 from robmia_db.attacks.nested_calibration import OFF_NOTE, NestedCalibration
 from robmia_db.attacks.planning import ScoreUnit
+from robmia_db.attacks.staging import STAGING_SCORES as STAGING_SCORES  # re-exported: the run's crash points
+from robmia_db.attacks.staging import ScoreStage, labelled_scores
 from robmia_db.store.connection import transaction, writing
-from robmia_db.store.scratch import score_scratch_prefix, stale_score_scratch
 from robmia_db.testhooks import fail_point, kill_point
 
-# crash point while the scores are staged, before the store is opened for writing (robmia_db.testhooks)
-STAGING_SCORES = "score-staging"
 # memory DuckDB may use for the one write transaction (metrics, joins); larger intermediates spill to disk
 WRITE_MEMORY_LIMIT = "1GB"
 # labelled score rows whose metrics and intervals are computed at once inside the write transaction
@@ -46,65 +41,6 @@ FLEET_ROWS_IN_MEMORY = 10_000_000
 # crash point between the metrics and the calibration, inside the transaction (robmia_db.testhooks)
 BEFORE_CALIBRATION = "score-before-calibration"
 NO_REFERENCE_NOTE = "no reference models with this attack's scores on this perturbation"
-
-
-class ScoreStage:
-    """One attack run's scores, one Parquet file per scored batch, in a scratch folder beside the store.
-
-    Memory then holds one batch's scores, not the run's; `write_results` inserts every file in its one
-    transaction (a single streamed INSERT, which DuckDB writes to the store as it goes) and computes the
-    metrics part by part (`parts`), so that the write too holds one part, whatever the size of the store.
-    The folder is removed when the run ends; one that a killed run left (`.<store>.score-tmp<PID>-*/`) is
-    removed by the next `score` or by `gc` (`store.scratch`).
-    """
-
-    def __init__(self, db_path: str | Path):
-        self.real = Path(db_path).resolve()
-        self.folder: Path | None = None
-        self.files: list[tuple[Path, int, list[ScoreUnit]]] = []  # (file, rows, the units it scores)
-        self.num_rows = 0
-        self._schema: pa.Schema | None = None
-
-    def __enter__(self) -> ScoreStage:
-        return self
-
-    def __exit__(self, exc_type, *rest) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
-
-    def add(self, table: pa.Table, units: list[ScoreUnit]) -> None:
-        """Stages the scores of `units` (every row of those units: a unit is never split between files)."""
-        table = table.replace_schema_metadata(None)  # parts must share one schema (a DataFrame adds its own)
-        if self.folder is None:
-            for stale in stale_score_scratch(self.real):
-                shutil.rmtree(stale, ignore_errors=True)
-            self.folder = Path(tempfile.mkdtemp(prefix=score_scratch_prefix(self.real), dir=self.real.parent))
-            self._schema = table.schema
-        else:
-            table = table.cast(self._schema)
-        fail_point(STAGING_SCORES)
-        kill_point(STAGING_SCORES)
-        path = self.folder / f"scores-{len(self.files):06d}.parquet"
-        pq.write_table(table, path, compression="zstd", row_group_size=1 << 20)
-        self.files.append((path, table.num_rows, list(units)))
-        self.num_rows += table.num_rows
-
-    def relation(self, files: list[Path] | None = None) -> str:
-        """SQL that reads staged scores (model_key, example_id, score, perturbation): all, or `files`."""
-        paths = [str(f).replace("'", "''") for f in (files or [f for f, _, _ in self.files])]
-        return "read_parquet([{}])".format(", ".join(f"'{p}'" for p in paths))
-
-    def parts(self, max_rows: int) -> Iterator[tuple[str, list[ScoreUnit]]]:
-        """(relation, units) of consecutive files of at most `max_rows` rows together (one file at least)."""
-        chunk: list[tuple[Path, int, list[ScoreUnit]]] = []
-        for item in self.files:
-            if chunk and sum(rows for _, rows, _ in chunk) + item[1] > max_rows:
-                yield self.relation([f for f, _, _ in chunk]), [u for _, _, us in chunk for u in us]
-                chunk = []
-            chunk.append(item)
-        if chunk:
-            yield self.relation([f for f, _, _ in chunk]), [u for _, _, us in chunk for u in us]
 
 
 _DECISION_SQL = """
@@ -232,21 +168,23 @@ def write_results(
             [attack.name],
         )
         if scores.num_rows:
+            staged = scores.table()
+            if staged is not None:
+                con.register("_staged", staged)
             con.execute(
-                f"INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM {scores.relation()}",
+                "INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM "
+                + ("_staged" if staged is not None else scores.relation()),
                 [attack_key],
             )
+            if staged is not None:
+                con.unregister("_staged")
+                del staged
             pooled = FleetRows(recipes, FLEET_ROWS_IN_MEMORY)
             # metrics part by part: what DuckDB and numpy hold is one part's labelled scores, not the run's
-            for relation, part_units in scores.parts(METRICS_ROWS_PER_PART):
+            for source, part_units in scores.parts(METRICS_ROWS_PER_PART):
                 con.register("_part", _units_table(part_units, inputs_keys, nonfinite))
-                # the models as constants: pushed into the scan of `membership`, which then skips other models
-                models = ", ".join(sorted({"'" + u.model_key.replace("'", "''") + "'" for u in part_units}))
-                labelled = con.sql(
-                    f"""SELECT s.model_key, s.perturbation, s.example_id, s.score, b.is_member FROM {relation} s
-                        JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
-                        WHERE b.model_key IN ({models})"""
-                ).to_arrow_table()
+                labelled = labelled_scores(con, source, [u.model_key for u in part_units])
+                del source
                 _insert_metrics(con, attack, labelled, len(units), seconds, now)
                 # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
                 write_intervals(con, attack.name, attack_key, resamples, units="_part", labelled=labelled)
