@@ -5,7 +5,9 @@ Nothing here does anything unless a `ROBMIA_TEST_*` variable is set, which only 
   exactly inside a crash window, which a timer-based kill would hit only by luck);
 - `ROBMIA_TEST_WAIT_AT=<point>:<file>`: at that point, touch `<file>.reached` and wait until `<file>` exists
   (so a test can start a competing reader at a known moment);
-- `ROBMIA_TEST_FAIL_AT=<point>`: raise OSError(ENOSPC) at that point (a full disk, without a tiny tmpfs).
+- `ROBMIA_TEST_FAIL_AT=<point>`: raise OSError(ENOSPC) at that point (a full disk, without a tiny tmpfs);
+- `ROBMIA_TEST_STAGE_ROWS=<n>`: `score` stages at most n score rows in memory before it writes them to
+  Parquet files (so a test of a small store can reach the files a large one writes).
 """
 
 from __future__ import annotations
@@ -36,3 +38,8 @@ def wait_point(name: str, limit_s: float = 120.0) -> None:
 def fail_point(name: str) -> None:
     if os.environ.get("ROBMIA_TEST_FAIL_AT") == name:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def stage_rows_in_memory(default: int) -> int:
+    value = os.environ.get("ROBMIA_TEST_STAGE_ROWS")
+    return default if value is None else int(value)

@@ -1,7 +1,8 @@
 """Bounded memory (issue 14 item 15) and a full disk during `score` (item 12), through the real CLI.
 
-Scoring streams: each part of a run is read, scored and staged to a Parquet file beside the store, and
-the store is written in one transaction at the end. These tests check that the parts give exactly the
+Scoring streams: each part of a run is read, scored and staged (in memory up to STAGE_ROWS_IN_MEMORY rows,
+past that to Parquet files beside the store; ROBMIA_TEST_STAGE_ROWS=0 makes a small store use the files),
+and the store is written in one transaction at the end. These tests check that the parts give exactly the
 numbers of one pass (independent references: scikit-learn and numpy on the stored rows), that a full
 disk or a kill while staging or writing leaves the store as it was, and that the rerun completes it.
 """
@@ -23,7 +24,7 @@ from attack_fixtures import import_synthetic, synthetic_outputs
 from conftest import clean_env
 from sklearn.metrics import roc_auc_score
 
-from robmia_db.attacks import results, scoring
+from robmia_db.attacks import results, scoring, staging
 from robmia_db.attacks.intervals import bootstrap_intervals
 from robmia_db.attacks.results import BEFORE_CALIBRATION, STAGING_SCORES
 from robmia_db.attacks.scoring import score_attacks
@@ -94,12 +95,15 @@ def test_scoring_in_parts_gives_the_numbers_of_one_pass(fleet, tmp_path, monkeyp
     """Parts of one model each (ROWS_PER_PART below one model) vs one part for all: the same rows."""
     whole = shutil.copy2(fleet, tmp_path / "whole.duckdb")
     parts = shutil.copy2(fleet, tmp_path / "parts.duckdb")
-    score_attacks(whole, ["confidence", "loss"], resamples=50)
+    in_memory = shutil.copy2(fleet, tmp_path / "in_memory.duckdb")
+    score_attacks(whole, ["confidence", "loss"], resamples=50)  # staged in memory, one part
     monkeypatch.setattr(scoring, "ROWS_PER_PART", 1)
-    monkeypatch.setattr(results, "METRICS_ROWS_PER_PART", 1)  # and metrics one staged file at a time
+    monkeypatch.setattr(results, "METRICS_ROWS_PER_PART", 1)  # and metrics one staged batch at a time
+    score_attacks(in_memory, ["confidence", "loss"], resamples=50)
+    monkeypatch.setattr(staging, "STAGE_ROWS_IN_MEMORY", 0)  # and every batch staged to a file
     outcomes = score_attacks(parts, ["confidence", "loss"], resamples=50)
     assert [o.scored for o in outcomes] == [8, 8]
-    assert metrics(parts) == metrics(whole)
+    assert metrics(parts) == metrics(whole) == metrics(in_memory)
     got = metrics(parts)
     assert all(row[8] == 3 and row[7] is not None for row in got)  # calibrated on the 3 other models
     # independent references on the stored rows: scikit-learn's AUC and numpy's bootstrap
@@ -134,8 +138,9 @@ def test_a_full_disk_during_score_is_one_line_and_keeps_the_store(fleet, tmp_pat
     assert cli("score", "--attack", "confidence", "--resamples", "20", "--db", str(clean)).returncode == 0
     before = counts(db)
     result = cli(
-        "score", "--attack", "confidence", "--resamples", "20", "--db", str(db), ROBMIA_TEST_FAIL_AT=point
-    )
+        "score", "--attack", "confidence", "--resamples", "20", "--db", str(db),
+        ROBMIA_TEST_FAIL_AT=point, ROBMIA_TEST_STAGE_ROWS="0",
+    )  # fmt: skip
     one_line_error(result, "No space left on device")
     assert counts(db) == before
     assert scratch_folders(db) == []
@@ -149,7 +154,8 @@ def test_a_kill_while_staging_leaves_the_store_and_the_next_score_cleans_up(flee
     before = counts(db)
     killed = subprocess.run(
         [sys.executable, "-m", "robmia_db", "score", "--attack", "loss", "--db", str(db)],
-        capture_output=True, text=True, timeout=300, env=clean_env(ROBMIA_TEST_KILL_AT=STAGING_SCORES),
+        capture_output=True, text=True, timeout=300,
+        env=clean_env(ROBMIA_TEST_KILL_AT=STAGING_SCORES, ROBMIA_TEST_STAGE_ROWS="0"),
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert counts(db) == before
@@ -166,7 +172,8 @@ def test_gc_removes_the_staged_scores_a_killed_score_left_and_keeps_a_live_runs(
     before = counts(db)
     killed = subprocess.run(
         [sys.executable, "-m", "robmia_db", "score", "--attack", "loss", "--db", str(db)],
-        capture_output=True, text=True, timeout=300, env=clean_env(ROBMIA_TEST_KILL_AT=BEFORE_CALIBRATION),
+        capture_output=True, text=True, timeout=300,
+        env=clean_env(ROBMIA_TEST_KILL_AT=BEFORE_CALIBRATION, ROBMIA_TEST_STAGE_ROWS="0"),
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert counts(db) == before

@@ -5,12 +5,7 @@ leaves either everything or nothing (a rerun then finds nothing cached and redoe
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,85 +13,34 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from robmia_db.attacks.definition import AttackDefinition
 from robmia_db.attacks.intervals import DEFAULT_RESAMPLES, write_intervals
-from robmia_db.attacks.metrics import calibrated_balanced_accuracy, compute_metrics, reference_metrics
+from robmia_db.attacks.metrics import (
+    calibrated_balanced_accuracy,
+    compute_metrics,
+    compute_metrics_table,
+    decision_counts_table,
+    reference_metrics,
+)
 from robmia_db.attacks.nested_calibration import OFF_NOTE, NestedCalibration
 from robmia_db.attacks.planning import ScoreUnit
+from robmia_db.attacks.staging import STAGING_SCORES as STAGING_SCORES  # re-exported: the run's crash points
+from robmia_db.attacks.staging import ScoreStage, labelled_scores
 from robmia_db.store.connection import transaction, writing
-from robmia_db.store.scratch import score_scratch_prefix, stale_score_scratch
 from robmia_db.testhooks import fail_point, kill_point
 
-# crash point while the scores are staged, before the store is opened for writing (robmia_db.testhooks)
-STAGING_SCORES = "score-staging"
 # memory DuckDB may use for the one write transaction (metrics, joins); larger intermediates spill to disk
 WRITE_MEMORY_LIMIT = "1GB"
 # labelled score rows whose metrics and intervals are computed at once inside the write transaction
 METRICS_ROWS_PER_PART = 2_000_000
+# labelled score rows of a run kept in memory (about 21 bytes each) for the metrics pooled over its fleets;
+# beyond that (with the fleets' other stored rows) those metrics run in SQL over the store, which spills
+FLEET_ROWS_IN_MEMORY = 10_000_000
 # crash point between the metrics and the calibration, inside the transaction (robmia_db.testhooks)
 BEFORE_CALIBRATION = "score-before-calibration"
 NO_REFERENCE_NOTE = "no reference models with this attack's scores on this perturbation"
-
-
-class ScoreStage:
-    """One attack run's scores, one Parquet file per scored batch, in a scratch folder beside the store.
-
-    Memory then holds one batch's scores, not the run's; `write_results` inserts every file in its one
-    transaction (a single streamed INSERT, which DuckDB writes to the store as it goes) and computes the
-    metrics part by part (`parts`), so that the write too holds one part, whatever the size of the store.
-    The folder is removed when the run ends; one that a killed run left (`.<store>.score-tmp<PID>-*/`) is
-    removed by the next `score` or by `gc` (`store.scratch`).
-    """
-
-    def __init__(self, db_path: str | Path):
-        self.real = Path(db_path).resolve()
-        self.folder: Path | None = None
-        self.files: list[tuple[Path, int, list[ScoreUnit]]] = []  # (file, rows, the units it scores)
-        self.num_rows = 0
-        self._schema: pa.Schema | None = None
-
-    def __enter__(self) -> ScoreStage:
-        return self
-
-    def __exit__(self, exc_type, *rest) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
-
-    def add(self, table: pa.Table, units: list[ScoreUnit]) -> None:
-        """Stages the scores of `units` (every row of those units: a unit is never split between files)."""
-        table = table.replace_schema_metadata(None)  # parts must share one schema (a DataFrame adds its own)
-        if self.folder is None:
-            for stale in stale_score_scratch(self.real):
-                shutil.rmtree(stale, ignore_errors=True)
-            self.folder = Path(tempfile.mkdtemp(prefix=score_scratch_prefix(self.real), dir=self.real.parent))
-            self._schema = table.schema
-        else:
-            table = table.cast(self._schema)
-        fail_point(STAGING_SCORES)
-        kill_point(STAGING_SCORES)
-        path = self.folder / f"scores-{len(self.files):06d}.parquet"
-        pq.write_table(table, path, compression="zstd", row_group_size=1 << 20)
-        self.files.append((path, table.num_rows, list(units)))
-        self.num_rows += table.num_rows
-
-    def relation(self, files: list[Path] | None = None) -> str:
-        """SQL that reads staged scores (model_key, example_id, score, perturbation): all, or `files`."""
-        paths = [str(f).replace("'", "''") for f in (files or [f for f, _, _ in self.files])]
-        return "read_parquet([{}])".format(", ".join(f"'{p}'" for p in paths))
-
-    def parts(self, max_rows: int) -> Iterator[tuple[str, list[ScoreUnit]]]:
-        """(relation, units) of consecutive files of at most `max_rows` rows together (one file at least)."""
-        chunk: list[tuple[Path, int, list[ScoreUnit]]] = []
-        for item in self.files:
-            if chunk and sum(rows for _, rows, _ in chunk) + item[1] > max_rows:
-                yield self.relation([f for f, _, _ in chunk]), [u for _, _, us in chunk for u in us]
-                chunk = []
-            chunk.append(item)
-        if chunk:
-            yield self.relation([f for f, _, _ in chunk]), [u for _, _, us in chunk for u in us]
 
 
 _DECISION_SQL = """
@@ -116,16 +60,65 @@ def _decision_columns(prefix: str = "d.") -> str:
     return f"0.5 * ({tpr} + 1 - {fpr}) AS decision_accuracy, {tpr} AS decision_tpr, {fpr} AS decision_fpr"
 
 
+def _no_decision(groups: list[str]) -> pa.Table:
+    fields = [pa.field(g, pa.string()) for g in groups]
+    fields += [pa.field(c, pa.int64()) for c in ("d_p", "d_n", "d_tp", "d_fp")]
+    return pa.schema(fields).empty_table()
+
+
 def _decision_rows(
     con: duckdb.DuckDBPyConnection, attack: AttackDefinition, source: str, groups: list[str]
 ) -> pa.Table:
     """Per group, the counts `_decision_columns` reads (no rows for an attack without a decision rule)."""
     if attack.decision_threshold is None:
-        fields = [pa.field(g, pa.string()) for g in groups]
-        fields += [pa.field(c, pa.int64()) for c in ("d_p", "d_n", "d_tp", "d_fp")]
-        return pa.schema(fields).empty_table()
+        return _no_decision(groups)
     sql = _DECISION_SQL.format(groups=", ".join(groups), source=source)
     return con.sql(sql, params={"threshold": attack.decision_threshold}).to_arrow_table()
+
+
+def _decision_table(attack: AttackDefinition, table: pa.Table, groups: list[str]) -> pa.Table:
+    """`_decision_rows` of an Arrow table in memory, counted in numpy (the same counts)."""
+    if attack.decision_threshold is None:
+        return _no_decision(groups)
+    return decision_counts_table(table, groups, attack.decision_threshold)
+
+
+class FleetRows:
+    """The labelled scores of one run, compact (dictionary-coded keys), for `_fleet_metrics`: the pooled
+    metrics then need no second read of the scores just inserted. Gives up (`table` None) past `limit` rows."""
+
+    def __init__(self, recipes: dict[str, str], limit: int):
+        self.recipes, self.limit = recipes, limit
+        self.parts: list[pa.Table] | None = []
+        self.num_rows = 0
+
+    def add(self, labelled: pa.Table) -> None:
+        self.num_rows += labelled.num_rows
+        if self.parts is None or self.num_rows > self.limit:
+            self.parts = None
+            return
+        model = pc.dictionary_encode(labelled.column("model_key").combine_chunks())
+        recipe = pa.array([self.recipes.get(k) for k in model.dictionary.to_pylist()], pa.string())
+        fleet = pa.DictionaryArray.from_arrays(model.indices, recipe)
+        keep = fleet.is_valid()  # models without a recipe belong to no fleet
+        part = pa.table(
+            {
+                "recipe_key": fleet,
+                "perturbation": pc.dictionary_encode(labelled.column("perturbation").combine_chunks()),
+                "model_key": model,
+                "score": labelled.column("score"),
+                "is_member": labelled.column("is_member"),
+            }
+        )
+        self.parts.append(part if keep.false_count == 0 else part.filter(keep))
+
+    def table(self) -> pa.Table | None:
+        """Every row added (all of the run's units, so of its fleets only), or None when over the limit."""
+        if self.parts is None or not self.parts:
+            return None
+        table = pa.concat_tables(self.parts).unify_dictionaries()
+        self.parts = None
+        return table
 
 
 def write_results(
@@ -147,11 +140,7 @@ def write_results(
     attack_key = attack.attack_key
     now = datetime.now(timezone.utc)
     units_table = _units_table(units, inputs_keys, nonfinite)
-    with (
-        writing(db_path, memory_limit=WRITE_MEMORY_LIMIT) as con,
-        _side_connection() as side,
-        transaction(con),
-    ):
+    with writing(db_path, memory_limit=WRITE_MEMORY_LIMIT) as con, transaction(con):
         con.execute(
             """INSERT INTO attacks (attack_key, name, title, paper, description, language, source_path, source,
                                     params, needs, created_at, base_name, origin, decision_threshold, nonfinite)
@@ -179,29 +168,33 @@ def write_results(
             [attack.name],
         )
         if scores.num_rows:
+            staged = scores.table()
+            if staged is not None:
+                con.register("_staged", staged)
             con.execute(
-                f"INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM {scores.relation()}",
+                "INSERT INTO scores SELECT ?, model_key, perturbation, example_id, score FROM "
+                + ("_staged" if staged is not None else scores.relation()),
                 [attack_key],
             )
+            if staged is not None:
+                con.unregister("_staged")
+                del staged
+            pooled = FleetRows(recipes, FLEET_ROWS_IN_MEMORY)
             # metrics part by part: what DuckDB and numpy hold is one part's labelled scores, not the run's
-            for relation, part_units in scores.parts(METRICS_ROWS_PER_PART):
+            for source, part_units in scores.parts(METRICS_ROWS_PER_PART):
                 con.register("_part", _units_table(part_units, inputs_keys, nonfinite))
-                # the models as constants: pushed into the scan of `membership`, which then skips other models
-                models = ", ".join(sorted({"'" + u.model_key.replace("'", "''") + "'" for u in part_units}))
-                labelled = con.sql(
-                    f"""SELECT s.model_key, s.perturbation, s.example_id, s.score, b.is_member FROM {relation} s
-                        JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
-                        WHERE b.model_key IN ({models})"""
-                ).to_arrow_table()
-                _insert_metrics(con, side, attack, labelled, len(units), seconds, now)
+                labelled = labelled_scores(con, source, [u.model_key for u in part_units])
+                del source
+                _insert_metrics(con, attack, labelled, len(units), seconds, now)
                 # issue 10 (stats): bootstrap intervals beside the metrics, in the same transaction
                 write_intervals(con, attack.name, attack_key, resamples, units="_part", labelled=labelled)
                 con.unregister("_part")
+                pooled.add(labelled)
                 del labelled
             fail_point(BEFORE_CALIBRATION)
             kill_point(BEFORE_CALIBRATION)
             _calibrate(con, attack, references, nested)
-            _fleet_metrics(con, attack, {u.model_key for u in units}, recipes, now)
+            _fleet_metrics(con, attack, {u.model_key for u in units}, recipes, now, pooled.table())
         for model_name, perturbation, reason in skipped:
             con.execute(
                 "INSERT INTO attack_skips VALUES (?, ?, ?, ?, ?)",
@@ -224,25 +217,8 @@ def _units_table(
     )
 
 
-@contextlib.contextmanager
-def _side_connection() -> Iterator[duckdb.DuckDBPyConnection]:
-    """An in-memory DuckDB for the metrics of one part's rows, beside the store's write transaction.
-
-    An Arrow table registered on the transaction's connection stays alive until COMMIT (its dropped view is
-    kept for a rollback), so registering each part there would hold every part: about 90 MB per 2 M rows.
-    """
-    side = duckdb.connect()
-    try:
-        side.execute(f"SET memory_limit = '{WRITE_MEMORY_LIMIT}'")
-        side.execute(f"SET threads = {min(2, os.cpu_count() or 1)}")
-        yield side
-    finally:
-        side.close()
-
-
 def _insert_metrics(
     con: duckdb.DuckDBPyConnection,
-    side: duckdb.DuckDBPyConnection,
     attack: AttackDefinition,
     labelled: pa.Table,
     n_units: int,
@@ -250,13 +226,10 @@ def _insert_metrics(
     now,
 ) -> None:
     """Metrics of the units in the registered table `_part`, from `labelled` (their scores with is_member),
-    computed on `side`: only the per-unit results are registered on the transaction's connection."""
-    side.register("_labelled", labelled)
-    try:
-        new_metrics = compute_metrics(side, "_labelled", ["model_key", "perturbation"])
-        decision = _decision_rows(side, attack, "_labelled", ["model_key", "perturbation"])
-    finally:
-        side.unregister("_labelled")
+    computed in numpy: only the per-unit results are registered on the transaction's connection (an Arrow
+    table registered there stays alive until COMMIT, so registering each part's rows would hold them all)."""
+    new_metrics = compute_metrics_table(labelled, ["model_key", "perturbation"])
+    decision = _decision_table(attack, labelled, ["model_key", "perturbation"])
     con.register("_new_metrics", new_metrics)
     con.register("_decision", decision)
     con.execute(
@@ -416,10 +389,19 @@ def _scores_by_model(
 
 
 def _fleet_metrics(
-    con: duckdb.DuckDBPyConnection, attack: AttackDefinition, touched: set[str], recipes: dict[str, str], now
+    con: duckdb.DuckDBPyConnection,
+    attack: AttackDefinition,
+    touched: set[str],
+    recipes: dict[str, str],
+    now,
+    fresh: pa.Table | None = None,
 ) -> None:
     """Metrics over the concatenated scores of the targets that share a training recipe (one ROC per fleet,
-    as LiRA reports), for the fleets whose targets were just scored."""
+    as LiRA reports), for the fleets whose targets were just scored.
+
+    `fresh` (`FleetRows`) holds this run's labelled rows: with the fleets' other stored rows read beside
+    them, the metrics are computed in numpy; without it, or past FLEET_ROWS_IN_MEMORY rows, in SQL over the
+    store (the same numbers: `compute_metrics_table`)."""
     fleets = sorted({recipes[k] for k in touched if k in recipes})
     if not fleets:
         return
@@ -434,17 +416,31 @@ def _fleet_metrics(
         ),
     )
     con.register("_fleets", pa.table({"recipe_key": pa.array(fleets, pa.string())}))
-    con.execute(
-        """CREATE OR REPLACE TEMP VIEW _fleet_scores AS
-           SELECT r.recipe_key, s.perturbation, s.model_key, s.score, b.is_member FROM scores s
-           JOIN _recipes r ON r.model_key = s.model_key
-           JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
-           WHERE s.attack_key = '{key}' AND r.recipe_key IN (SELECT recipe_key FROM _fleets)""".format(
-            key=attack_key.replace("'", "''")
+    groups = ["recipe_key", "perturbation"]
+    rows = _fleet_rows_in_memory(con, attack_key, fresh) if fresh is not None else None
+    in_memory = rows is not None
+    if rows is not None:
+        con.register("_fleet_metrics", compute_metrics_table(rows, groups))
+        con.register("_decision", _decision_table(attack, rows, groups))
+        con.register("_targets", _targets_of(rows))
+        rows = None
+    else:
+        con.execute(
+            """CREATE OR REPLACE TEMP VIEW _fleet_scores AS
+               SELECT r.recipe_key, s.perturbation, s.model_key, s.score, b.is_member FROM scores s
+               JOIN _recipes r ON r.model_key = s.model_key
+               JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
+               WHERE s.attack_key = '{key}' AND r.recipe_key IN (SELECT recipe_key FROM _fleets)""".format(
+                key=attack_key.replace("'", "''")
+            )
         )
-    )
-    con.register("_fleet_metrics", compute_metrics(con, "_fleet_scores", ["recipe_key", "perturbation"]))
-    con.register("_decision", _decision_rows(con, attack, "_fleet_scores", ["recipe_key", "perturbation"]))
+        con.register("_fleet_metrics", compute_metrics(con, "_fleet_scores", groups))
+        con.register("_decision", _decision_rows(con, attack, "_fleet_scores", groups))
+        con.execute(
+            """CREATE OR REPLACE TEMP VIEW _targets AS
+               SELECT recipe_key, perturbation, min(model_key) AS model_key, count(DISTINCT model_key) AS n_targets
+               FROM _fleet_scores GROUP BY ALL"""
+        )
     con.execute(
         "DELETE FROM fleet_metrics WHERE attack_key IN (SELECT attack_key FROM attacks WHERE name = ?) "
         "AND recipe_key IN (SELECT recipe_key FROM _fleets)",
@@ -456,10 +452,62 @@ def _fleet_metrics(
                    m.tpr_at_fpr_0, m.tpr_at_fpr_1e4, m.tpr_at_fpr_1e3, m.tpr_at_fpr_1e2, m.advantage, m.threshold,
                    m.n_members, m.n_nonmembers, {_decision_columns()}, ?
             FROM _fleet_metrics m
-            JOIN (SELECT recipe_key, perturbation, min(model_key) AS model_key,
-                         count(DISTINCT model_key) AS n_targets
-                  FROM _fleet_scores GROUP BY ALL) t USING (recipe_key, perturbation)
+            JOIN _targets t USING (recipe_key, perturbation)
             LEFT JOIN _decision d USING (recipe_key, perturbation)""",
         [attack_key, now],
     )
-    con.execute("DROP VIEW _fleet_scores")
+    if not in_memory:
+        con.execute("DROP VIEW _targets")
+        con.execute("DROP VIEW _fleet_scores")
+    for name in ("_fleet_metrics", "_decision", *(("_targets",) if in_memory else ())):
+        con.unregister(name)
+
+
+def _targets_of(rows: pa.Table) -> pa.Table:
+    """Per (recipe_key, perturbation): the smallest model key and the number of targets (as the SQL's)."""
+    keys = ["recipe_key", "perturbation", "model_key"]
+    coded = {k: rows.column(k).combine_chunks() for k in keys}
+    distinct = pa.table({k: a.indices for k, a in coded.items()}).group_by(keys).aggregate([])
+    decoded = pa.table({k: pc.take(coded[k].dictionary, distinct.column(k)) for k in keys})
+    targets = decoded.group_by(keys[:2]).aggregate([("model_key", "min"), ("model_key", "count_distinct")])
+    return targets.rename_columns(["recipe_key", "perturbation", "model_key", "n_targets"])
+
+
+def _fleet_rows_in_memory(
+    con: duckdb.DuckDBPyConnection, attack_key: str, fresh: pa.Table
+) -> pa.Table | None:
+    """This run's rows of the fleets plus their other targets' stored rows (their units not scored in this
+    run), or None when they would pass FLEET_ROWS_IN_MEMORY."""
+    others = con.execute(
+        """SELECT m.model_key, m.perturbation, m.n_members + m.n_nonmembers FROM metrics m
+           JOIN _recipes r USING (model_key)
+           WHERE m.attack_key = ? AND r.recipe_key IN (SELECT recipe_key FROM _fleets)
+             AND (m.model_key, m.perturbation) NOT IN (SELECT model_key, perturbation FROM _done)""",
+        [attack_key],
+    ).fetchall()
+    if fresh.num_rows + sum(n or 0 for _, _, n in others) > FLEET_ROWS_IN_MEMORY:
+        return None
+    if not others:
+        return fresh
+    con.register(
+        "_others",
+        pa.table({"model_key": [o[0] for o in others], "perturbation": [o[1] for o in others]}),
+    )
+    stored = con.sql(
+        """SELECT r.recipe_key, s.perturbation, s.model_key, s.score, b.is_member FROM scores s
+           JOIN _others o ON o.model_key = s.model_key AND o.perturbation = s.perturbation
+           JOIN _recipes r ON r.model_key = s.model_key
+           JOIN membership b ON b.model_key = s.model_key AND b.example_id = s.example_id
+           WHERE s.attack_key = $key""",
+        params={"key": attack_key},
+    ).to_arrow_table()
+    con.unregister("_others")
+    stored = pa.table(
+        {
+            name: pc.dictionary_encode(stored.column(name).combine_chunks())
+            if name in fresh.column_names[:3]
+            else stored.column(name)
+            for name in stored.column_names
+        }
+    ).cast(fresh.schema)
+    return pa.concat_tables([fresh, stored]).unify_dictionaries()
