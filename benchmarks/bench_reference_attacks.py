@@ -184,7 +184,7 @@ def timed_stages(run) -> dict[str, float]:
     from robmia_db.attacks import scoring
 
     seconds: dict[str, float] = {}
-    stages = {"read_relations": "store_read", "run_batch": "attacks_in_sandbox", "write_results": "write"}
+    stages = {"open_relations": "store_read", "run_batch": "attacks_in_sandbox", "write_results": "write"}
     originals = {name: getattr(scoring, name) for name in stages}
     add = scoring.ScoreStage.add
 

@@ -51,6 +51,9 @@ DENSE_BYTES_PER_CELL = 22
 # examples per chunk when the per-example order is computed, and rows per Arrow batch read from DuckDB
 ORDER_CELLS_PER_CHUNK = 4_000_000
 ROWS_PER_BATCH = 1 << 18
+# DuckDB memory limit of the fleet's read connection (its block cache and the streamed query); on top of
+# the budget, which is about the fleet's arrays
+READ_MEMORY_LIMIT = "256MB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -171,11 +174,20 @@ class DiskFleet:
         self._matrices: dict[tuple[str, str | None], FleetMatrix] = {}
         # one read-only connection while the part is scored (an open costs ~0.1 s, and a target with K
         # calibration references reads K + 1 models' rows); a cursor per read, as the attack's thread reads too
-        self._con: duckdb.DuckDBPyConnection | None = connect(self.db_path, read_only=True)
-        real = self.db_path.resolve()
-        for stale in stale_score_scratch(real):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.folder: Path | None = Path(tempfile.mkdtemp(prefix=score_scratch_prefix(real), dir=real.parent))
+        # DuckDB's buffer pool keeps the store blocks it read until the connection closes: capped, or a part
+        # would end up caching most of the fleet's rows
+        self._con: duckdb.DuckDBPyConnection | None = connect(
+            self.db_path, read_only=True, memory_limit=READ_MEMORY_LIMIT
+        )
+        self.folder: Path | None = None
+        try:
+            real = self.db_path.resolve()
+            for stale in stale_score_scratch(real):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=score_scratch_prefix(real), dir=real.parent))
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> DiskFleet:
         return self
