@@ -44,7 +44,7 @@ def worker(db: Path, fleet_memory: str) -> None:
             made.append(1)
 
     sandbox.DiskFleet = Counted
-    # the peak up to the write transaction: the fleet's part (the write's metrics are the same both ways)
+    # the peak up to the first write transaction: lira_online's fleet phase, before any metrics are written
     before_write = []
     write = scoring.write_results
 
@@ -64,7 +64,7 @@ def worker(db: Path, fleet_memory: str) -> None:
             {
                 "seconds": seconds,
                 "peak_rss_bytes": peak,
-                "peak_rss_before_write_bytes": max(before_write),
+                "peak_rss_before_write_bytes": before_write[0],  # the first attack's fleet phase
                 "disk_fleets": len(made),
                 "scored": {o.attack.name: o.scored for o in outcomes},
             }

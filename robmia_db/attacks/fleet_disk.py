@@ -44,9 +44,10 @@ FLEET_MEMORY_ENV = "ROBMIA_FLEET_MEMORY"
 # masks, a gather of the sorted values), with room for a second query kind; measured with
 # benchmarks/bench_fleet_memory.py, see the README
 BOUNDED_BYTES_PER_CELL = 64
-# the in-memory path holds the fleet's Arrow table about three times at its peak (DuckDB's result, the
-# combined chunks, the target relations' filtered copies) beside its dense matrices (22 bytes per cell)
-IN_MEMORY_TABLE_COPIES = 3
+# the in-memory path's peak is about five times the fleet's Arrow table (DuckDB's result, the combined
+# chunks, the target relations' filtered copies, the per-kind filters) beside its dense matrices (22 bytes
+# per cell): 0.62 GB above the interpreter's 0.3 GB at 64 x 10,000 (bench_fleet_memory.py)
+IN_MEMORY_TABLE_COPIES = 5
 DENSE_BYTES_PER_CELL = 22
 # examples per chunk when the per-example order is computed, and rows per Arrow batch read from DuckDB
 ORDER_CELLS_PER_CHUNK = 4_000_000
