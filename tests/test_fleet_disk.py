@@ -259,3 +259,17 @@ def test_ctrl_c_removes_the_scratch_folder(small, tmp_path):
     assert process.returncode == 1, stderr
     assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr, stderr
     assert scratch(db) == [] and file_digest(db) == digest
+
+
+def test_the_python_api_passes_fleet_memory(small, tmp_path, monkeypatch):
+    from robmia_db.api import Store
+
+    memory = shutil.copy2(small, tmp_path / "memory.duckdb")
+    disk = shutil.copy2(small, tmp_path / "disk.duckdb")
+    Store(memory).score(["rmia_online"], calibration_models=0)
+    Counting.made = []
+    monkeypatch.setattr(sandbox, "DiskFleet", Counting)
+    Store(disk).score(["rmia_online"], calibration_models=0, fleet_memory=budget_between(disk, "rmia_online"))
+    assert len(Counting.made) == 3 and scratch(disk) == []  # one group per perturbation
+    got, want = all_scores(disk), all_scores(memory)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k][1], want[k][1]) for k in want)
