@@ -287,6 +287,7 @@ class Store:
         models: Sequence[str] | None = None,
         attack_paths: Sequence[str | Path] | None = None,
         calibration_models: int = 8,
+        fleet_memory: str | int | None = None,
     ) -> ScoreResult:
         """Score attacks on every stored model, once per perturbation (as `robmia-db score`).
 
@@ -298,6 +299,9 @@ class Store:
             attack_paths: extra folders of user attacks (as `--attacks DIR`).
             calibration_models: references rescored per target of a reference attack to calibrate its
                 threshold by nested leave-one-out (as `--calibration-models`; 0: none).
+            fleet_memory: memory a reference attack's fleet may take (as `--fleet-memory`, e.g. "8GB";
+                None: $ROBMIA_FLEET_MEMORY, else half the available memory); a larger fleet is scored
+                model by model from disk, with the same scores.
 
         Returns:
             A `ScoreResult`; the numbers are in `Store.metrics()`.
@@ -312,6 +316,7 @@ class Store:
             force=force,
             models=list(models) if models is not None else None,
             calibration_models=calibration_models,
+            fleet_memory=fleet_memory,
         )
         return ScoreResult(outcomes)
 

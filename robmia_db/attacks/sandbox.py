@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -29,9 +30,11 @@ from robmia_db.attacks.fleet import (
     target_arrays,
     target_rows,
 )
+from robmia_db.attacks.fleet_disk import DiskFleet, choose
 from robmia_db.attacks.nested_calibration import calibration_units
 from robmia_db.attacks.planning import ScoreUnit
 from robmia_db.errors import AttackDefinitionError, RobmiaError
+from robmia_db.store.connection import reading
 
 RESULT_COLUMNS = ("model_key", "example_id", "score")
 DEFAULT_TIMEOUT_S = 3600.0
@@ -149,6 +152,28 @@ def read_relations(
     return relations
 
 
+def open_relations(
+    db_path: str | Path, attack: AttackDefinition, units: list[ScoreUnit], fleet_memory: int | None = None
+) -> dict[str, pa.Table] | DiskFleet:
+    """`read_relations` from the store at `db_path`, or, for a reference attack whose fleet would take more
+    than `fleet_memory` bytes in memory, a `DiskFleet` that `batches` reads model by model (`fleet_disk`).
+    Release it with `close_relations`."""
+    with reading(db_path) as con:
+        if not (
+            attack.needs_reference
+            and fleet_memory is not None
+            and choose(con, attack.name, units, fleet_memory)
+        ):
+            return read_relations(con, attack, units)
+    return DiskFleet(db_path, units)
+
+
+def close_relations(relations: dict[str, pa.Table] | DiskFleet) -> None:
+    """Remove a `DiskFleet`'s scratch files (the in-memory relations are freed with their last reference)."""
+    if isinstance(relations, DiskFleet):
+        relations.close()
+
+
 def _read_fleet_relations(
     store: duckdb.DuckDBPyConnection, attack: AttackDefinition, units: list[ScoreUnit]
 ) -> dict[str, pa.Table]:
@@ -212,12 +237,21 @@ class Relations(Mapping[str, pa.Table]):
     def __init__(
         self,
         tables: dict[str, pa.Table | Callable[[], pa.Table]],
-        fleet: FleetCache | None = None,
+        fleet: FleetCache | DiskFleet | None = None,
         units: list[ScoreUnit] | None = None,
+        membership: Callable[[], pa.Table] | None = None,
     ):
         self._tables = dict(tables)
         self._fleet = fleet
         self._units = {unit.model_key: unit for unit in units or []}
+        self._membership = membership
+
+    def membership(self) -> pa.Table:
+        """Rows (model_key, perturbation, example_id, is_member, ...) holding the labels of this batch's
+        target when it is a calibration reference (`nested_calibration`); never handed to the attack."""
+        if self._membership is None:
+            raise AssertionError("membership of a batch without reference models")
+        return self._membership()
 
     def __getitem__(self, name: str) -> pa.Table:
         table = self._tables[name]
@@ -264,7 +298,7 @@ class Relations(Mapping[str, pa.Table]):
 def batches(
     attack: AttackDefinition,
     units: list[ScoreUnit],
-    relations: dict[str, pa.Table],
+    relations: dict[str, pa.Table] | DiskFleet,
     calibration_models: int = 0,
 ) -> Iterator[tuple[list[ScoreUnit], Relations]]:
     """Units to run together with their relations: all at once, or one target per sandbox with references.
@@ -273,10 +307,14 @@ def batches(
     `nested_calibration`), each scored as a target with the fleet minus itself and minus that target; their
     units carry `calibrates` and their scores are never stored.
     """
+    if isinstance(relations, DiskFleet):
+        yield from _disk_batches(attack, units, relations, calibration_models)
+        return
     if not attack.needs_reference:
         yield units, Relations(relations)
         return
     fleet = FleetCache(relations["reference"])
+    membership = partial(relations.__getitem__, "reference")
     rows = {
         name: group_rows(table.column("model_key"))
         for name, table in relations.items()
@@ -292,7 +330,7 @@ def batches(
         if "target" not in sliced:  # kind attacks alias target to their last kind
             sliced["target"] = sliced[attack.signal_kind]
         sliced["reference"] = partial(_reference_relation, relations["reference"], unit)
-        yield [unit], Relations(sliced, fleet, [unit])
+        yield [unit], Relations(sliced, fleet, [unit], membership)
         for nested in calibration_units(unit, calibration_models):
             if reference_rows is None:
                 reference_rows = group_rows(relations["reference"].column("model_key"))
@@ -303,8 +341,44 @@ def batches(
                     | {"reference": partial(_reference_relation, relations["reference"], nested)},
                     fleet,
                     [nested],
+                    membership,
                 ),
             )
+
+
+def _disk_batches(
+    attack: AttackDefinition, units: list[ScoreUnit], fleet: DiskFleet, calibration_models: int
+) -> Iterator[tuple[list[ScoreUnit], Relations]]:
+    """`batches` over a fleet on disk: the same relations, each target's own rows read when it is scored,
+    the `reference` relation only if the attack asks for it by SQL, the matrices from `fleet`'s memmaps."""
+    for unit in units:
+        own = fleet.table([unit.model_key]).drop_columns(["is_member"])
+        sliced: dict[str, pa.Table | Callable[[], pa.Table]] = {}
+        if attack.signal_kind is None:
+            sliced["target"] = own
+        else:
+            for kind in (n for n in attack.needs if n in KIND_NEEDS):
+                sliced[kind] = own.filter(pc.equal(own["perturbation"], unit.inputs[kind]))
+            sliced["target"] = sliced[attack.signal_kind]
+        sliced["reference"] = partial(_disk_reference_relation, fleet, unit)
+        yield [unit], Relations(sliced, fleet, [unit])
+        for nested in calibration_units(unit, calibration_models):
+            mine = fleet.table([nested.model_key])
+            yield (
+                [nested],
+                Relations(
+                    _as_target(attack, mine, np.arange(mine.num_rows), nested)
+                    | {"reference": partial(_disk_reference_relation, fleet, nested)},
+                    fleet,
+                    [nested],
+                    partial(lambda table: table, mine),
+                ),
+            )
+
+
+def _disk_reference_relation(fleet: DiskFleet, unit: ScoreUnit) -> pa.Table:
+    """The SQL `reference` relation of `unit`, read from the store: (M - 1) x N rows, for SQL attacks only."""
+    return _reference_relation(fleet.table(unit.references), unit)
 
 
 def _as_target(

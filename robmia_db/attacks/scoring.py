@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import duckdb
 
 from robmia_db.attacks.definition import AttackDefinition, parse_attack
+from robmia_db.attacks.fleet_disk import fleet_budget
 from robmia_db.attacks.intervals import DEFAULT_RESAMPLES
 from robmia_db.attacks.nested_calibration import DEFAULT_CALIBRATION_MODELS, NestedCalibration
 from robmia_db.attacks.planning import (
@@ -38,9 +39,10 @@ from robmia_db.attacks.sandbox import (
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_TIMEOUT_S,
     batches,
+    close_relations,
     close_sandbox,
+    open_relations,
     open_sandbox,
-    read_relations,
     run_batch,
 )
 from robmia_db.errors import AttackDefinitionError, RobmiaError
@@ -202,6 +204,7 @@ def score_attacks(
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     resamples: int = DEFAULT_RESAMPLES,
     calibration_models: int = DEFAULT_CALIBRATION_MODELS,
+    fleet_memory: str | int | None = None,
 ) -> list[AttackOutcome]:
     """Score attacks (names or file paths; default: every registered and every stored attack) on every model.
 
@@ -210,9 +213,12 @@ def score_attacks(
     `replace` lets a user attack take the name of a built-in or of a stored attack from another file.
     `resamples` bootstrap replicates give each metric's interval (0: none). `calibration_models`: how many
     references' nested leave-one-out scores calibrate a reference attack's target (0: none; see
-    `nested_calibration`).
+    `nested_calibration`). `fleet_memory` (a size; default ROBMIA_FLEET_MEMORY, else half the available
+    memory): a reference attack's fleet larger than this in memory is scored model by model from disk
+    (`fleet_disk`), with the same scores.
     """
     db_path = Path(db_path)
+    budget = fleet_budget(fleet_memory)
     reporter = reporter or SilentScoreReporter()
     registry = load_registry(list(attack_paths or []), replace=replace)
     selected: list[AttackDefinition] = []
@@ -277,20 +283,22 @@ def score_attacks(
                 for group in by_inputs.values():
                     nested.plan(group)
                     for part in _parts(attack, group, n_rows):
-                        with reading(db_path) as con:
-                            relations = read_relations(con, attack, part)
-                        for batch, batch_relations in batches(attack, part, relations, nested.k):
-                            sandbox = open_sandbox(batch_relations, memory_limit)
-                            try:
-                                table, counts = run_batch(sandbox, attack, batch, key_names, timeout_s)
-                            finally:
-                                close_sandbox(sandbox)
-                            if batch[0].calibrates is not None:
-                                nested.add(batch[0], table, relations["reference"])
-                                continue
-                            stage.add(table, batch)
-                            nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
-                        nested.finish()
+                        relations = open_relations(db_path, attack, part, budget)
+                        try:
+                            for batch, batch_relations in batches(attack, part, relations, nested.k):
+                                sandbox = open_sandbox(batch_relations, memory_limit)
+                                try:
+                                    table, counts = run_batch(sandbox, attack, batch, key_names, timeout_s)
+                                finally:
+                                    close_sandbox(sandbox)
+                                if batch[0].calibrates is not None:
+                                    nested.add(batch[0], table, batch_relations.membership())
+                                    continue
+                                stage.add(table, batch)
+                                nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
+                            nested.finish()
+                        finally:
+                            close_relations(relations)
                         del relations
             new_skips = {(attack_key, names[m], p, r) for m, p, r in skipped} - recorded_skips
             if todo or new_skips:

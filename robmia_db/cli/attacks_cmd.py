@@ -98,6 +98,14 @@ def attacks_command(attack_paths: tuple[str, ...], verbose: bool, replace: bool)
     "(nested leave-one-out) to calibrate its threshold; costs K extra runs per target (0: no "
     "calibrated_accuracy for them).",
 )
+@click.option(
+    "--fleet-memory",
+    metavar="SIZE",
+    default=None,
+    help="Memory a reference attack's fleet may take (e.g. 8GB; default $ROBMIA_FLEET_MEMORY, else half the "
+    "available memory): a larger fleet is scored model by model from memmaps in a scratch folder, with "
+    "the same scores.",
+)
 @db_option
 @handle_errors
 def score_command(
@@ -112,6 +120,7 @@ def score_command(
     memory_limit,
     resamples,
     calibration_models,
+    fleet_memory,
 ) -> None:
     """Score attacks on every stored model, once per perturbation; only missing or stale pairs run.
 
@@ -160,7 +169,7 @@ def score_command(
     outcomes = score_attacks(
         get_state().db_path, attack_names or None, attack_paths, overrides, force,
         list(model_names) or None, Echo(), replace=replace, timeout_s=timeout_s, memory_limit=memory_limit,
-        resamples=resamples, calibration_models=calibration_models,
+        resamples=resamples, calibration_models=calibration_models, fleet_memory=fleet_memory,
     )  # fmt: skip
     click.echo(
         f"{sum(o.scored for o in outcomes)} (attack, model, perturbation) scored; "
