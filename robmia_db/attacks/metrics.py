@@ -301,11 +301,7 @@ def compute_metrics_table(table: pa.Table, group_by: Sequence[str]) -> pa.Table:
     Returns:
         Same as `compute_metrics`.
     """
-    group_by = _check_group_by(group_by)
-    codes, groups = _group_codes(table, group_by)
-    n_groups = groups.num_rows if group_by else 1
-    score_column = table.column("score").combine_chunks().cast(pa.float64())
-    member_column = table.column("is_member").combine_chunks().cast(pa.bool_())
+    group_by, codes, groups, n_groups, score_column, member_column = _grouped_columns(table, group_by)
     scores = score_column.to_numpy(zero_copy_only=False)
     members = member_column.fill_null(False).to_numpy(zero_copy_only=False)
     keep = ~np.isnan(scores)  # a NULL score reads as NaN
@@ -315,15 +311,21 @@ def compute_metrics_table(table: pa.Table, group_by: Sequence[str]) -> pa.Table:
     return pa.table({**{name: groups.column(name) for name in group_by}, **columns})
 
 
-def decision_counts_table(table: pa.Table, group_by: Sequence[str], threshold: float) -> pa.Table:
-    """Per group, the counts of the rule `member iff score >= threshold`: d_p, d_n (members and non-members,
-    whatever their score), d_tp, d_fp, with SQL's semantics (`score >= t` is true for NaN in DuckDB, which
-    orders NaN above every number, and false for NULL); rows with a NULL `is_member` count nowhere."""
+def _grouped_columns(table: pa.Table, group_by: Sequence[str]):
+    """Each row's group code, and the float64 score and bool is_member columns both table functions read."""
     group_by = _check_group_by(group_by)
     codes, groups = _group_codes(table, group_by)
     n_groups = groups.num_rows if group_by else 1
     score_column = table.column("score").combine_chunks().cast(pa.float64())
     member_column = table.column("is_member").combine_chunks().cast(pa.bool_())
+    return group_by, codes, groups, n_groups, score_column, member_column
+
+
+def decision_counts_table(table: pa.Table, group_by: Sequence[str], threshold: float) -> pa.Table:
+    """Per group, the counts of the rule `member iff score >= threshold`: d_p, d_n (members and non-members,
+    whatever their score), d_tp, d_fp, with SQL's semantics (`score >= t` is true for NaN in DuckDB, which
+    orders NaN above every number, and false for NULL); rows with a NULL `is_member` count nowhere."""
+    group_by, codes, groups, n_groups, score_column, member_column = _grouped_columns(table, group_by)
     scores = score_column.to_numpy(zero_copy_only=False)
     known = member_column.is_valid().to_numpy(zero_copy_only=False)
     members = member_column.fill_null(False).to_numpy(zero_copy_only=False)
