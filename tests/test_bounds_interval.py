@@ -216,7 +216,7 @@ def test_crown_ibp_relaxations_match_float64_intervals(case: str, eps: float) ->
     net = bounds_core._Network.build(model, x)
     box = bounds_core._input_box(x, eps, 0.0, 1.0, torch.float32)
     with torch.no_grad():
-        relaxations, (total, difference, _) = bounds_interval.interval_relaxations(net, *box, len(model) - 1)
+        relaxations, (centre, width, _) = bounds_interval.interval_relaxations(net, *box, len(model) - 1)
     indices = [i for i, layer in enumerate(model) if isinstance(layer, nn.ReLU) and i < len(model) - 1]
     assert sorted(relaxations) == indices
     for index in indices:
@@ -244,10 +244,10 @@ def test_crown_ibp_relaxations_match_float64_intervals(case: str, eps: float) ->
                 np.testing.assert_allclose(got[decided], want[decided], rtol=1e-4, atol=1e-5, err_msg=name)
     last = len(model) - 1
     for got, want in zip(
-        (total - difference, total + difference), numpy_intervals(model, lower, upper, last)
+        (centre - width / 2, centre + width / 2), numpy_intervals(model, lower, upper, last)
     ):
         want = torch.from_numpy(want).reshape(len(x), *net.shapes[last])
-        _assert_matches((got / 2).reshape(len(x), -1), bounds_backward.to_internal(want, net, last).numpy())
+        _assert_matches(got.reshape(len(x), -1), bounds_backward.to_internal(want, net, last).numpy())
     if eps == 0.0 and case == "relu_first_stacked":
         # The ReLU on the box: its zero pixels are the degenerate case.
         lower_slope, intercept, gap = (t.squeeze(1) for t in relaxations[0])

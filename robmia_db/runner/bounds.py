@@ -60,8 +60,8 @@ def interval_bounds(
     """
     net = _Network.build(model, x)
     box = _input_box(x, eps, x_min, x_max, _model_dtype(model))
-    total, difference, _ = interval_last(net, *box, upto=len(net.layers), owned=True)
-    return (total - difference) * 0.5, (total + difference) * 0.5
+    centre, width, _ = interval_last(net, *box, upto=len(net.layers), owned=True)
+    return torch.sub(centre, width, alpha=0.5), torch.add(centre, width, alpha=0.5)
 
 
 def margin_lower_bounds(

@@ -4,17 +4,18 @@ Imports torch and bounds_core only. Why a kernel of its own rather than `bounds_
 by layer (which CROWN's intermediate bounds use): the pass carries whichever form the next step needs and
 overwrites its own intermediates, and CROWN-IBP takes its ReLU relaxations from it without keeping any
 interval bounds. Measured on CPU (1 thread, 28x28 CNN, batch 128) the convolutions and matrix
-products are about 2x a forward pass by construction (one on the centre with W, one on the radius with
+products are about 2x a forward pass by construction (one on the centre with W, one on the width with
 |W|), so everything else must stay small:
-- the pass carries (u + l, u - l), twice the centre and radius: an affine layer maps them with W, |W| and
-  2 b (derived weights cached per parameter version when no gradient is tracked), a ReLU in four passes
-  over the maps, two of them in place (see `interval_last`);
+- the pass carries the centre and the width (c, d) = ((u + l) / 2, u - l): an affine layer maps them with
+  (W, b) and |W| (derived weights cached per parameter version when no gradient is tracked), a ReLU in four
+  in-place passes over the maps (see `_interval_pass`; the earlier (u + l, u - l) form needed a `lerp`
+  into a fresh map, about a third slower);
 - feature maps run channels-last, including one-channel inputs (whose default strides make convolutions
   fall back to NCHW); a Linear layer reading a flattened channels-last map gets its weight columns permuted
   once instead of the map being copied;
-- the last layer merged with the margin specification (Gowal et al.'s elision) is one (N, 2F) x (2F, C*C)
-  product of [u + l, u - l] with the pairwise rows [W_i - W_j, -|W_i - W_j|] / 2 (C up to
-  `_PAIRWISE_CLASSES`) instead of per-sample specs.
+- the last layer merged with the margin specification (Gowal et al.'s elision): every pair's margin bound
+  by two (N, F) x (F, C*C) products, of the centre with the pairwise rows W_i - W_j and of the width with
+  -|W_i - W_j| / 2 (C up to `_PAIRWISE_CLASSES`), instead of per-sample specs.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _columns(weight: Tensor, order: tuple[int, int, int] | None) -> Tensor:
 def _pair_weights(
     layer: nn.Module, order: tuple[int, int, int] | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(W, |W|, 2 b) of an affine layer: Linear columns permuted for `order`, Conv2d weights channels-last."""
+    """(W, |W|, b) of an affine layer: Linear columns permuted for `order`, Conv2d weights channels-last."""
 
     def make() -> tuple[Tensor, Tensor, Tensor | None]:
         weight = layer.weight
@@ -77,7 +78,7 @@ def _pair_weights(
         else:
             # The convolution would otherwise reorder its weight to the input's layout on every call.
             weight = weight.contiguous(memory_format=torch.channels_last)
-        return weight, weight.abs(), None if layer.bias is None else layer.bias * 2
+        return weight, weight.abs(), layer.bias
 
     return _cached(("pair", order), layer, make)
 
@@ -91,13 +92,13 @@ def _apply(layer: nn.Module, inputs: Tensor, weight: Tensor, bias: Tensor | None
 def interval_last(
     net: _Network, lower: Tensor, upper: Tensor, upto: int, owned: bool = False
 ) -> tuple[Tensor, Tensor, tuple[int, int, int] | None]:
-    """Interval bounds of h_upto only, as (u + l, u - l): twice the centre and twice the radius.
+    """Interval bounds of h_upto only, as the centre (u + l) / 2 and the width u - l.
 
     Args:
         owned: the box (lower, upper) is the caller's no longer, and may be overwritten.
 
     Returns:
-        (sum, difference, order): `order` is the (C, H, W) of a flattened channels-last map whose (H, W, C)
+        (centre, width, order): `order` is the (C, H, W) of a flattened channels-last map whose (H, W, C)
         order a vector h_upto uses, or None.
     """
     return _interval_pass(net, lower, upper, upto, owned, None)
@@ -110,12 +111,12 @@ def interval_relaxations(
 
     The relaxations come straight in the form the backward pass reads (bounds_backward.flat_relaxation:
     lower slope, upper intercept, upper minus lower slope; each (N, 1, F) in its internal order), from the
-    pass's (u + l, u - l) and the same formulas as bounds_linear._relu_relaxation ("adaptive"): no interval
+    pass's (centre, width) and the same formulas as bounds_linear._relu_relaxation ("adaptive"): no interval
     bounds are kept and no relaxation is reshaped (measured: a separate interval pass, relaxations and
     reshapes cost 0.14 ms per sample at 28x28, about a fifth of CROWN-IBP). The box is not overwritten.
 
     Returns:
-        (relaxations by ReLU index, `interval_last`'s (sum, difference, order) of h_upto).
+        (relaxations by ReLU index, `interval_last`'s (centre, width, order) of h_upto).
     """
     relaxations: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     return relaxations, _interval_pass(net, lower, upper, upto, False, relaxations)
@@ -130,65 +131,67 @@ def _interval_pass(
     relaxations: dict[int, tuple[Tensor, Tensor, Tensor]] | None,
 ) -> tuple[Tensor, Tensor, tuple[int, int, int] | None]:
     """The pass of `interval_last`; fills `relaxations` (by ReLU index) when given one."""
-    # Twice the centre and radius throughout: an affine layer maps them with W, |W| and 2 b, and a ReLU
-    # maps them in four passes: with upper = relu((s + d) / 2), s' = max(upper, s) and d' = min(upper, d)
-    # (where the lower end is active these are s and d; where it is cut, both are the upper end).
-    # Without autograd the maps made here are overwritten once dead: each fresh multi-MB tensor costs page
-    # faults on CPU, about as much as a pass over it.
+    # Centre c and width d = u - l throughout: an affine layer maps them with (W, b) and |W|, and a ReLU in
+    # four passes: top = relu(c + d / 2) = relu(u), d' = min(top, d) and c' = top - d' / 2 (where the lower
+    # end is active these give back c and d; where it is cut, d' = u and c' = u / 2; where both ends are
+    # cut, 0). Without autograd every pass runs in place: each fresh multi-MB tensor costs page faults on
+    # CPU, about as much as a pass over it.
     reuse = not torch.is_grad_enabled()
     lower, upper = channels_last(lower), channels_last(upper)
-    total = upper + lower
-    difference = upper.sub_(lower) if owned and reuse else upper - lower
+    if owned and reuse:
+        width = upper.sub_(lower)
+        centre = lower.add_(width, alpha=0.5)
+    else:
+        width = upper - lower
+        centre = torch.add(lower, width, alpha=0.5)
     order = None
     for index, layer in enumerate(net.layers[:upto]):
         if isinstance(layer, nn.Flatten):
-            if total.dim() == 4 and total.is_contiguous(memory_format=torch.channels_last):
-                c, h, w = total.shape[1:]
+            if centre.dim() == 4 and centre.is_contiguous(memory_format=torch.channels_last):
+                c, h, w = centre.shape[1:]
                 order = (c, h, w) if c > 1 and h * w > 1 else None
-                total, difference = (
-                    t.permute(0, 2, 3, 1).reshape(t.shape[0], -1) for t in (total, difference)
-                )
+                centre, width = (t.permute(0, 2, 3, 1).reshape(t.shape[0], -1) for t in (centre, width))
             else:
-                total, difference = total.flatten(1), difference.flatten(1)
+                centre, width = centre.flatten(1), width.flatten(1)
         elif isinstance(layer, nn.ReLU):
             if relaxations is None:
-                top = torch.lerp(total, difference, 0.5).relu_()
+                top = torch.add(centre, width, alpha=0.5) if not reuse else centre.add_(width, alpha=0.5)
+                top = top.relu_()
             else:
-                relaxations[index], top = _adaptive_relaxation(total, difference)
+                relaxations[index], top = _adaptive_relaxation(centre, width)
             if reuse:
-                total, difference = (
-                    torch.maximum(top, total, out=total),
-                    torch.minimum(top, difference, out=difference),
-                )
+                width = torch.minimum(top, width, out=width)
+                centre = top.sub_(width, alpha=0.5)
             else:
-                total, difference = torch.maximum(top, total), torch.minimum(top, difference)
+                width = torch.minimum(top, width)
+                centre = torch.sub(top, width, alpha=0.5)
         else:
             weight, weight_abs, bias = _pair_weights(layer, order)
-            # Sums of one-channel maps come back with NCHW strides, which convolve more slowly.
-            total = _apply(layer, channels_last(total), weight, bias)
-            difference = _apply(layer, channels_last(difference), weight_abs, None)
+            # Maps of one channel come back with NCHW strides, which convolve more slowly.
+            centre = _apply(layer, channels_last(centre), weight, bias)
+            width = _apply(layer, channels_last(width), weight_abs, None)
             order = None
-    return total, difference, order
+    return centre, width, order
 
 
-def _adaptive_relaxation(total: Tensor, difference: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
-    """(lower slope, upper intercept, upper - lower slope) flat (N, 1, F), and relu(u), from t = u + l, d = u - l.
+def _adaptive_relaxation(centre: Tensor, width: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """(lower slope, upper intercept, upper - lower slope) flat (N, 1, F), and relu(u), from c and d = u - l.
 
-    bounds_linear._relu_relaxation's formulas in halves: u = (t + d) / 2 and -l = u - t, so relu(u) / (relu(u)
-    + relu(-l)) is the upper slope (1 where both vanish, u = l = 0), times relu(-l) the intercept; the lower
-    slope is 1 where u + l > 0 (t > 0) or l >= 0 (t >= d), else 0.
+    bounds_linear._relu_relaxation's formulas: u = c + d / 2 and -l = d - u, so relu(u) / (relu(u) +
+    relu(-l)) is the upper slope (1 where both vanish, u = l = 0), times relu(-l) the intercept; the lower
+    slope is 1 where u + l > 0 (c > 0) or l >= 0, else 0. `centre` and `width` are left as they are.
     """
-    half_sum = torch.lerp(total, difference, 0.5)
-    negative = (half_sum - total).relu_()
-    top = half_sum.relu_()
+    upper = torch.add(centre, width, alpha=0.5)
+    negative = torch.sub(width, upper).relu_()
+    top = upper.relu_()
     denominator = top + negative
     degenerate = denominator == 0
     # 1 / 1 where degenerate (top is 0 there). Not masked_fill, whose copy comes back in NCHW order (a copy
     # more to flatten). The gradients there stay 0: relu has a zero gradient at 0.
     upper_slope = (top + degenerate) / denominator.masked_fill_(degenerate, 1.0)
     intercept = upper_slope * negative
-    # t >= d >= 0 with t <= 0 only where t = d = 0, which is where the denominator vanishes.
-    lower_slope = (total > 0).logical_or_(degenerate).to(total.dtype)
+    # l >= 0 with c <= 0 only where u = l = 0, which is where the denominator vanishes.
+    lower_slope = (centre > 0).logical_or_(degenerate).to(centre.dtype)
     gap = upper_slope - lower_slope if upper_slope.requires_grad else upper_slope.sub_(lower_slope)
     return (_flat(lower_slope), _flat(intercept), _flat(gap)), top
 
@@ -208,37 +211,39 @@ def elided_margins(
     Args:
         state: `interval_last` of the penultimate layer.
     """
-    p, q, order = state
+    centre, width, order = state
     last = net.layers[-1]
     num_classes = last.out_features
 
-    def make() -> tuple[Tensor, Tensor | None]:
-        # Halved: the state is twice the centre and radius.
-        weight = _columns(last.weight * 0.5, order)
+    def make() -> tuple[Tensor, Tensor | None, Tensor | None]:
+        weight = _columns(last.weight, order)
         if num_classes > _PAIRWISE_CLASSES:
-            return weight, None
-        # Row i * C + j: [W_i - W_j, -|W_i - W_j|], so that one product with [p, q] gives every margin
-        # z_i - z_j's bound (exactly 0 where i = j).
+            return weight, None, None
+        # Column i * C + j: the margin z_i - z_j's rows W_i - W_j (for the centre) and -|W_i - W_j| / 2 (for
+        # the width), transposed for `addmm`; exactly 0 where i = j.
         difference = (weight.unsqueeze(1) - weight.unsqueeze(0)).reshape(-1, weight.shape[1])
-        pairs = torch.cat([difference, -difference.abs()], 1)
         bias = None
         if last.bias is not None:
             bias = (last.bias.unsqueeze(1) - last.bias.unsqueeze(0)).reshape(-1)
-        return pairs, bias
+        return difference.t().contiguous(), difference.abs().mul_(-0.5).t().contiguous(), bias
 
-    table, bias = _cached(("margins", order), last, make)
-    if num_classes > _PAIRWISE_CLASSES:
-        weight = table
+    first, second, bias = _cached(("margins", order), last, make)
+    if second is None:
+        weight = first
         others = _other_classes(num_classes, y)
         spec = weight[y].unsqueeze(1) - weight[others]
-        bias = torch.zeros(others.shape, dtype=p.dtype, device=p.device)
+        bias = torch.zeros(others.shape, dtype=centre.dtype, device=centre.device)
         if last.bias is not None:
             bias = last.bias[y].unsqueeze(1) - last.bias[others]
         lower = (
             bias
-            + torch.bmm(spec, p.unsqueeze(2)).squeeze(2)
-            - torch.bmm(spec.abs(), q.unsqueeze(2)).squeeze(2)
+            + torch.bmm(spec, centre.unsqueeze(2)).squeeze(2)
+            - torch.bmm(spec.abs(), width.unsqueeze(2)).squeeze(2) * 0.5
         )
         return _scatter_margins(lower, others, num_classes)
-    every = F.linear(torch.cat([p, q], 1), table, bias).reshape(-1, num_classes, num_classes)
+    # Every pair's bound in two products (measured: fewer passes than the centre's logits and a per-label
+    # width term, or one product of the concatenated [c, d]), then the label's row.
+    every = torch.mm(centre, first) if bias is None else torch.addmm(bias, centre, first)
+    every = torch.addmm(every, width, second) if every.requires_grad else every.addmm_(width, second)
+    every = every.reshape(-1, num_classes, num_classes)
     return every.gather(1, y.reshape(-1, 1, 1).expand(-1, 1, num_classes)).squeeze(1)
