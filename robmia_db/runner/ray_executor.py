@@ -43,6 +43,7 @@ from robmia_db.runner.executor import (
     RunContext,
     compute_model,
     failure_text,
+    keep_freed_memory,
     notify,
     store_failure,
     store_result,
@@ -187,6 +188,23 @@ def _from_shared(shared: _SharedResult) -> ModelResult:
     )
 
 
+_MALLOC_SET: bool | None = None  # this worker process's malloc setting, once decided
+
+
+def _prepare_worker(threads: int) -> bool:
+    """Torch threads, and the runner's malloc setting once per worker process, as `run` sets it for itself.
+
+    Ray reuses a worker process for the next task, so the setting is decided at its first task and kept;
+    it yields where the worker's environment tunes glibc's malloc or sets ROBMIA_MALLOC=default, exactly as
+    in the driver (`executor.keep_freed_memory`). Returns whether the setting is applied in this process.
+    """
+    global _MALLOC_SET
+    torch.set_num_threads(threads)
+    if _MALLOC_SET is None:
+        _MALLOC_SET = keep_freed_memory()
+    return _MALLOC_SET
+
+
 def _model_task(
     task: ModelTask,
     dataset: Any,
@@ -200,7 +218,7 @@ def _model_task(
     sink: Any,
 ) -> ModelResult | _SharedResult | _Failure:
     """One model, inside a Ray worker: train (or load), signals, hand back. Never touches the store."""
-    torch.set_num_threads(threads)
+    _prepare_worker(threads)
     # Ray sets CUDA_VISIBLE_DEVICES to this task's GPUs, so the first visible one is ours
     device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
     reporter = _SinkReporter(sink, task.job.model_key)
