@@ -23,7 +23,7 @@ from attack_fixtures import all_metrics, all_scores, file_digest, sql_attack, wr
 from conftest import clean_env
 from test_reference_attacks import JOINT, SINGLE, make_fleet
 
-from robmia_db.attacks import fleet_disk, sandbox
+from robmia_db.attacks import fleet_disk, relations
 from robmia_db.attacks.planning import plan_units, read_state, reference_models
 from robmia_db.attacks.registry import load_registry
 from robmia_db.attacks.scoring import score_attacks
@@ -116,7 +116,7 @@ def test_disk_path_scores_and_metrics_equal_the_in_memory_path(small, tmp_path, 
     disk = shutil.copy2(small, tmp_path / "disk.duckdb")
     score_attacks(memory, [attack], resamples=20, calibration_models=2)
     Counting.made = []
-    monkeypatch.setattr(sandbox, "DiskFleet", Counting)
+    monkeypatch.setattr(relations, "DiskFleet", Counting)
     (outcome,) = score_attacks(
         disk, [attack], resamples=20, calibration_models=2, fleet_memory=budget_between(disk, attack)
     )
@@ -137,7 +137,7 @@ def test_a_sql_attack_reading_the_reference_relation_gets_the_same_rows(small, t
     disk = shutil.copy2(small, tmp_path / "disk.duckdb")
     score_attacks(memory, [path], resamples=0, calibration_models=2)
     Counting.made = []
-    monkeypatch.setattr(sandbox, "DiskFleet", Counting)
+    monkeypatch.setattr(relations, "DiskFleet", Counting)
     budget = budget_between(disk, "ref_mean", [path])
     score_attacks(disk, [path], resamples=0, calibration_models=2, fleet_memory=budget)
     assert Counting.made and scratch(disk) == []
@@ -158,9 +158,9 @@ def test_fleet_matrix_on_disk_equals_the_dense_one(small, tmp_path):
         state = read_state(con)
         units, _ = plan_units(attack, state, reference_models(state), None)
         group = [u for u in units if u.perturbation == "pgd"]
-        relations = sandbox.read_relations(con, attack, group)
+        in_memory = relations.read_relations(con, attack, group)
     for column, kind in [("phi", None), ("p_true", None), ("mentropy", None)]:
-        dense = build_fleet_matrix(relations["reference"], column)
+        dense = build_fleet_matrix(in_memory["reference"], column)
         with fleet_disk.DiskFleet(small, group) as fleet:
             on_disk = fleet.matrix(column, kind)
             assert on_disk.model_keys == dense.model_keys
@@ -268,7 +268,7 @@ def test_the_python_api_passes_fleet_memory(small, tmp_path, monkeypatch):
     disk = shutil.copy2(small, tmp_path / "disk.duckdb")
     Store(memory).score(["rmia_online"], calibration_models=0)
     Counting.made = []
-    monkeypatch.setattr(sandbox, "DiskFleet", Counting)
+    monkeypatch.setattr(relations, "DiskFleet", Counting)
     Store(disk).score(["rmia_online"], calibration_models=0, fleet_memory=budget_between(disk, "rmia_online"))
     assert len(Counting.made) == 3 and scratch(disk) == []  # one group per perturbation
     got, want = all_scores(disk), all_scores(memory)
