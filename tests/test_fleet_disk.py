@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from attack_fixtures import all_metrics, all_scores, file_digest, sql_attack, write_attack
-from conftest import clean_env
+from conftest import clean_env, one_line_error
 from test_reference_attacks import JOINT, SINGLE, make_fleet
 
 from robmia_db.attacks import fleet_disk, relations
@@ -191,24 +191,14 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
-
-
 def test_a_budget_too_small_even_model_by_model_is_one_line_and_changes_nothing(small, tmp_path):
     db = shutil.copy2(small, tmp_path / "s.duckdb")
     digest = file_digest(db)
     result = _cli("score", "--attack", "lira_online", "--fleet-memory", "1KB", "--db", str(db))
-    _one_line_error(result, "lira_online", "even scored model by model", "--fleet-memory")
+    one_line_error(result, "lira_online", "even scored model by model", "--fleet-memory")
     result = _cli("score", "--attack", "lira_online", "--db", str(db), ROBMIA_FLEET_MEMORY="1KB")
-    _one_line_error(result, "ROBMIA_FLEET_MEMORY")
-    _one_line_error(_cli("score", "--fleet-memory", "plenty", "--db", str(db)), "--fleet-memory", "plenty")
+    one_line_error(result, "ROBMIA_FLEET_MEMORY")
+    one_line_error(_cli("score", "--fleet-memory", "plenty", "--db", str(db)), "--fleet-memory", "plenty")
     assert file_digest(db) == digest and scratch(db) == []
 
 
@@ -223,7 +213,7 @@ def test_the_scratch_folder_is_removed_when_the_attack_fails(small, tmp_path):
         "score", "--attack", str(path), "--param", f"marker={marker}", "--param", "fail=1",
         "--fleet-memory", str(budget), "--db", str(db),
     )  # fmt: skip
-    _one_line_error(result, "failing on purpose")
+    one_line_error(result, "failing on purpose")
     assert marker.exists() and scratch(db) == []
 
 
