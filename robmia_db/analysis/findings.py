@@ -123,7 +123,7 @@ def adversarial_vs_benign(vectors, dataset, n_resamples, seed) -> list[dict[str,
     for (arch, width, eps), by_model in sorted(groups.items(), key=lambda kv: str(kv[0])):
         pairs = [
             make_pair(k["adversarial"], k["benign"])
-            for _, k in sorted(by_model.items())
+            for k in by_model.values()  # the vectors' order: by seed, then model name
             if {"adversarial", "benign"} <= set(k)
         ]
         if not pairs:
