@@ -32,18 +32,18 @@ ATTACKS = ["lira_online", "rmia_offline"]
 
 
 def worker(db: Path, fleet_memory: str) -> None:
-    from robmia_db.attacks import sandbox, scoring
+    from robmia_db.attacks import relations, scoring
     from robmia_db.attacks.scoring import score_attacks
 
     made = []
-    original = sandbox.DiskFleet
+    original = relations.DiskFleet
 
     class Counted(original):  # the real class, counted: which path ran
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(1)
 
-    sandbox.DiskFleet = Counted
+    relations.DiskFleet = Counted
     # the peak up to the first write transaction: lira_online's fleet phase, before any metrics are written
     before_write = []
     write = scoring.write_results

@@ -29,7 +29,7 @@ from attack_fixtures import import_synthetic, synthetic_outputs  # noqa: E402
 
 import robmia_db.attacks.scoring as scoring  # noqa: E402
 from robmia_db.attacks.fleet import FleetCache  # noqa: E402
-from robmia_db.attacks.sandbox import Relations  # noqa: E402
+from robmia_db.attacks.relations import Relations  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_invariance.json"
 OFFLINE_SQL = """-- title = "offline loss ratio against OUT references"

@@ -152,7 +152,8 @@ def attack_only_seconds(db: Path) -> float:
     sandbox steps as `score_attacks`, one target per sandbox)."""
     from robmia_db.attacks.planning import plan_units, read_state, reference_models
     from robmia_db.attacks.registry import load_registry
-    from robmia_db.attacks.sandbox import batches, close_sandbox, open_sandbox, read_relations
+    from robmia_db.attacks.relations import batches, read_relations
+    from robmia_db.attacks.sandbox import close_sandbox, open_sandbox
     from robmia_db.attacks.scoring import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S, run_batch
     from robmia_db.store.connection import reading
 

@@ -139,6 +139,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """The CLI's failure contract: exit 1, no traceback, exactly one `Error: ` line holding every needle."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
 def robmia(*args: str, timeout: float = 120, **popen: Any) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh interpreter (`python -m robmia_db ...`)."""
     return subprocess.run(

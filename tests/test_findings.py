@@ -188,3 +188,16 @@ def test_finding_1_names_the_width_of_each_comparison():
         "pgd_at - natural, benign (cnn, width 0.5, eps 0.1)",
         "pgd_at - natural, benign (cnn, width 2.0, eps 0.1)",
     ]
+
+
+def test_finding_2_pairs_each_fleet_model_with_itself():
+    """Finding 2 compares one model's I_A with its own I_B: a fleet (one seed, several models) gives one pair
+    per model, not one per seed."""
+    vectors = []
+    for index in range(3):
+        for kind, strength in (("adversarial", 0.8), ("benign", 0.2)):
+            v = vec("pgd_at", 0, kind, strength + 0.01 * index)
+            v.model_key, v.model_name, v.model_index = f"pgd_at-m{index}", f"fleet/pgd_at-s0-m{index}", index
+            vectors.append(v)
+    (row,) = decisions(vectors, 2)
+    assert row["n"] == 3

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from attack_fixtures import all_metrics, all_scores, file_digest, sql_attack, write_attack
-from conftest import clean_env
+from conftest import clean_env, one_line_error
 from test_reference_attacks import JOINT, SINGLE, make_fleet
 
-from robmia_db.attacks import fleet_disk, sandbox
+from robmia_db.attacks import fleet_disk, relations
 from robmia_db.attacks.planning import plan_units, read_state, reference_models
 from robmia_db.attacks.registry import load_registry
 from robmia_db.attacks.scoring import score_attacks
@@ -116,7 +116,7 @@ def test_disk_path_scores_and_metrics_equal_the_in_memory_path(small, tmp_path, 
     disk = shutil.copy2(small, tmp_path / "disk.duckdb")
     score_attacks(memory, [attack], resamples=20, calibration_models=2)
     Counting.made = []
-    monkeypatch.setattr(sandbox, "DiskFleet", Counting)
+    monkeypatch.setattr(relations, "DiskFleet", Counting)
     (outcome,) = score_attacks(
         disk, [attack], resamples=20, calibration_models=2, fleet_memory=budget_between(disk, attack)
     )
@@ -137,7 +137,7 @@ def test_a_sql_attack_reading_the_reference_relation_gets_the_same_rows(small, t
     disk = shutil.copy2(small, tmp_path / "disk.duckdb")
     score_attacks(memory, [path], resamples=0, calibration_models=2)
     Counting.made = []
-    monkeypatch.setattr(sandbox, "DiskFleet", Counting)
+    monkeypatch.setattr(relations, "DiskFleet", Counting)
     budget = budget_between(disk, "ref_mean", [path])
     score_attacks(disk, [path], resamples=0, calibration_models=2, fleet_memory=budget)
     assert Counting.made and scratch(disk) == []
@@ -158,9 +158,9 @@ def test_fleet_matrix_on_disk_equals_the_dense_one(small, tmp_path):
         state = read_state(con)
         units, _ = plan_units(attack, state, reference_models(state), None)
         group = [u for u in units if u.perturbation == "pgd"]
-        relations = sandbox.read_relations(con, attack, group)
+        in_memory = relations.read_relations(con, attack, group)
     for column, kind in [("phi", None), ("p_true", None), ("mentropy", None)]:
-        dense = build_fleet_matrix(relations["reference"], column)
+        dense = build_fleet_matrix(in_memory["reference"], column)
         with fleet_disk.DiskFleet(small, group) as fleet:
             on_disk = fleet.matrix(column, kind)
             assert on_disk.model_keys == dense.model_keys
@@ -191,24 +191,14 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
-
-
 def test_a_budget_too_small_even_model_by_model_is_one_line_and_changes_nothing(small, tmp_path):
     db = shutil.copy2(small, tmp_path / "s.duckdb")
     digest = file_digest(db)
     result = _cli("score", "--attack", "lira_online", "--fleet-memory", "1KB", "--db", str(db))
-    _one_line_error(result, "lira_online", "even scored model by model", "--fleet-memory")
+    one_line_error(result, "lira_online", "even scored model by model", "--fleet-memory")
     result = _cli("score", "--attack", "lira_online", "--db", str(db), ROBMIA_FLEET_MEMORY="1KB")
-    _one_line_error(result, "ROBMIA_FLEET_MEMORY")
-    _one_line_error(_cli("score", "--fleet-memory", "plenty", "--db", str(db)), "--fleet-memory", "plenty")
+    one_line_error(result, "ROBMIA_FLEET_MEMORY")
+    one_line_error(_cli("score", "--fleet-memory", "plenty", "--db", str(db)), "--fleet-memory", "plenty")
     assert file_digest(db) == digest and scratch(db) == []
 
 
@@ -223,7 +213,7 @@ def test_the_scratch_folder_is_removed_when_the_attack_fails(small, tmp_path):
         "score", "--attack", str(path), "--param", f"marker={marker}", "--param", "fail=1",
         "--fleet-memory", str(budget), "--db", str(db),
     )  # fmt: skip
-    _one_line_error(result, "failing on purpose")
+    one_line_error(result, "failing on purpose")
     assert marker.exists() and scratch(db) == []
 
 
@@ -268,7 +258,7 @@ def test_the_python_api_passes_fleet_memory(small, tmp_path, monkeypatch):
     disk = shutil.copy2(small, tmp_path / "disk.duckdb")
     Store(memory).score(["rmia_online"], calibration_models=0)
     Counting.made = []
-    monkeypatch.setattr(sandbox, "DiskFleet", Counting)
+    monkeypatch.setattr(relations, "DiskFleet", Counting)
     Store(disk).score(["rmia_online"], calibration_models=0, fleet_memory=budget_between(disk, "rmia_online"))
     assert len(Counting.made) == 3 and scratch(disk) == []  # one group per perturbation
     got, want = all_scores(disk), all_scores(memory)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from attack_fixtures import import_synthetic, synthetic_outputs
-from conftest import clean_env
+from conftest import clean_env, one_line_error
 from sklearn.metrics import roc_auc_score
 
 from robmia_db.attacks import results, scoring, staging
@@ -40,16 +40,6 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
         timeout=300,
         env=clean_env(**env),
     )
-
-
-def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
 
 
 def query(db: Path, sql: str) -> list[tuple]:

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from attack_fixtures import paper_inference_loop
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from robmia_db.attacks.metrics import (
@@ -291,20 +292,6 @@ def _softmax_by_row_float32(logits: np.ndarray) -> np.ndarray:
     return exp / np.sum(exp, axis=1, keepdims=True)
 
 
-def _paper_loop(confidence1: np.ndarray, confidence2: np.ndarray) -> float:
-    """A literal copy of the paper's threshold loop (inference_utils.py)."""
-    sort_confidence = np.sort(np.concatenate((confidence1, confidence2)))
-    max_accuracy = 0.5
-    for num in range(len(sort_confidence)):
-        delta = sort_confidence[num]
-        ratio1 = np.sum(confidence1 >= delta) / float(len(confidence1))
-        ratio2 = np.sum(confidence2 >= delta) / float(len(confidence2))
-        accuracy_now = 0.5 * (ratio1 + 1 - ratio2)
-        if accuracy_now > max_accuracy:
-            max_accuracy = accuracy_now
-    return max_accuracy
-
-
 def test_golden_format_float32_softmax_matches_paper_loop():
     rng = np.random.default_rng(1900514)
     classes, n_train, n_test = 38, 380, 103
@@ -319,7 +306,7 @@ def test_golden_format_float32_softmax_matches_paper_loop():
     members, nonmembers = outputs["train"], outputs["test"]
     assert np.mean(members == 1.0) > 0.2 and np.mean(nonmembers == 1.0) > 0.05
 
-    expected = _paper_loop(members, nonmembers)
+    expected = paper_inference_loop(members, nonmembers)
     assert paper_inference_accuracy(members, nonmembers) == expected
 
     scores = np.concatenate([members, nonmembers]).astype(np.float64)

@@ -341,6 +341,59 @@ def test_leave_one_out_cut_equals_sorting_and_fitting_the_references_directly():
                     np.testing.assert_allclose(got[1], expected[1], rtol=1e-12, atol=1e-12)
 
 
+def test_fully_present_fleets_take_the_multiplied_mask_path_with_the_same_fits():
+    """Every value finite (every model has every example): the side sums multiply by the 0/1 mask instead of
+    masking each ufunc. Same fits as numpy's masked statistics and as the masked path itself; one inf value
+    sends a matrix back to the masked path (inf * 0 would be NaN)."""
+    fleet = _random_fleet(np.random.default_rng(11), n_models=9, n=60)
+    fleet.values = np.random.default_rng(12).normal(size=fleet.values.shape)
+    fleet.present[:] = True
+    fleet.order = fleet_module.side_order(fleet.values, fleet.is_member, fleet.present)
+    keys = fleet.model_keys[1:]
+    for poisoned in (False, True):
+        values = fleet.values.copy()
+        if poisoned:
+            values[2, 7] = np.inf
+        fast = fleet_module.references_of(
+            fleet_module.FleetMatrix(
+                fleet.model_keys,
+                fleet.example_id,
+                values,
+                fleet.is_member,
+                fleet.present,
+                fleet.label,
+                fleet.order,
+            ),
+            keys,
+            fleet.example_id,
+        )
+        assert fast.all_finite is not poisoned
+        masked = fleet_module.ReferenceMatrix(
+            fast.example_id, fast.values, fast.is_member, fast.present, fast.order, members_checked=True
+        )
+        masked._all_finite = False  # the path any matrix with an absent entry takes
+        with np.errstate(invalid="ignore"):  # the inf's own side is NaN on both paths (inf - inf)
+            _compare_fits(fast, masked, poisoned)
+
+
+def _compare_fits(fast, masked, poisoned: bool) -> None:
+    for inside in (True, False):
+        keep = fast.present & (fast.is_member if inside else ~fast.is_member)
+        np.testing.assert_array_equal(
+            calibrated.side_mean(fast, calibrated.side(fast, inside)),
+            calibrated.side_mean(masked, calibrated.side(masked, inside)),
+        )
+        for location in ("median", "mean"):
+            for variance in ("global", "per_example"):
+                got = calibrated.fit_side(fast, inside, location, variance)
+                again = calibrated.fit_side(masked, inside, location, variance)
+                np.testing.assert_allclose(got, again, rtol=1e-13, atol=0)
+                if not poisoned:
+                    expected = ref.fit(fast.values, keep, location, variance)
+                    np.testing.assert_allclose(got[0], expected[0], rtol=1e-12, atol=1e-12)
+                    np.testing.assert_allclose(got[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
 def test_a_targets_references_never_depend_on_its_own_row():
     """Replace target T's values and membership in the fleet (which changes the fleet's sort): what T's
     references look like is bit-identical, since T's row is removed before the attack sees anything."""

@@ -4,6 +4,8 @@ imported stores (scipy's t interval as the reference)."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -168,3 +170,59 @@ def test_configurations_view_matches_scipy_t_interval(tmp_path):
         low, high = stats.t.interval(0.95, n - 1, loc=values.mean(), scale=stats.sem(values))
         assert row["balanced_accuracy_ci_low"] == pytest.approx(low, abs=1e-6)
         assert row["balanced_accuracy_ci_high"] == pytest.approx(high, abs=1e-6)
+
+
+def _fleet_vector(defense: str, index: int, shift: float, experiment: str = "fleet", name: str | None = None):
+    """One fleet model's confidence scores: the fleet shares seed 0, each model index has its own half."""
+    from robmia_db.analysis.compare import ScoreVector
+
+    n = 300
+    members = np.random.default_rng(100 + index).permutation(np.arange(n) < n // 2)
+    rng = np.random.default_rng(zlib.crc32(f"{defense}/{index}/{experiment}".encode()))
+    scores = np.round(rng.normal(shift * members, 1.0), 2)
+    return ScoreVector(
+        f"{experiment}-{defense}-{index}", name or f"{experiment}/{defense}-s0-m{index}", "digits", "mlp", 1.0,
+        defense, 0.1 if defense != "natural" else None, 0, "pgd", "adversarial", 0.1, np.arange(n), members,
+        scores, {}, index, experiment,
+    )  # fmt: skip
+
+
+def test_compare_pairs_every_model_of_a_fleet_not_one_per_seed():
+    """A fleet's models share their seed: each model index is its own pair (same membership half), and the
+    difference is the mean over those pairs (computed here with the metrics module on each pair)."""
+    from robmia_db.analysis.compare import paired_rows
+
+    vectors = [_fleet_vector("pgd_at", i, 1.0) for i in range(4)] + [
+        _fleet_vector("natural", i, 0.4) for i in range(4)
+    ]
+    (row,) = paired_rows(vectors, "pgd_at", "natural", "auc", n_resamples=50, n_permutations=20)
+    assert row["n_pairs"] == 4 and row["seeds"] == [0]
+    expected = np.mean(
+        [_metric(a.score, a.is_member, "auc") - _metric(b.score, b.is_member, "auc") for a, b in
+         zip(vectors[:4], vectors[4:])]
+    )  # fmt: skip
+    assert row["difference"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_compare_pairs_within_an_experiment_and_refuses_an_ambiguous_match():
+    from robmia_db.analysis.compare import paired_rows
+    from robmia_db.errors import RobmiaError
+
+    robust = _fleet_vector("pgd_at", 0, 1.0, experiment="sweep")
+    natural_here = _fleet_vector("natural", 0, 0.4, experiment="sweep")
+    natural_elsewhere = _fleet_vector("natural", 0, 0.0, experiment="quickstart")
+    (row,) = paired_rows([robust, natural_elsewhere, natural_here], "pgd_at", "natural", "auc", 50, 20)
+    assert row["n_pairs"] == 1
+    here = _metric(robust.score, robust.is_member, "auc") - _metric(
+        natural_here.score, robust.is_member, "auc"
+    )
+    assert row["difference"] == pytest.approx(here, abs=1e-12)
+
+    twin = _fleet_vector("natural", 0, 0.2, experiment="sweep", name="sweep/natural-s0-m0-again")
+    with pytest.raises(
+        RobmiaError, match="sweep/natural-s0-m0 and sweep/natural-s0-m0-again are both natural"
+    ):
+        paired_rows([robust, natural_here, twin], "pgd_at", "natural", "auc", 50, 20)
+    apart = _fleet_vector("natural", 0, 0.2, experiment="other")
+    with pytest.raises(RobmiaError, match="no two of them share an experiment"):
+        paired_rows([robust, natural_elsewhere, apart], "pgd_at", "natural", "auc", 50, 20)

@@ -2,9 +2,10 @@
 
 Models are matched on dataset, architecture and width; each side's training eps is kept apart (one row per
 pair of eps); scores are matched on perturbation kind and perturbation eps (so I_A of one model is compared
-with I_A of the other, at the same attack budget), and seeds are matched one to one. The two models of a
-pair must have the same examples with the same membership (the same data and membership settings), which
-is what makes the comparison paired. Holm's correction is applied over the rows of one call.
+with I_A of the other, at the same attack budget), and models are matched one to one on seed and model
+index (a fleet's models share their seed), within one experiment where several would match. The two models
+of a pair must have the same examples with the same membership (the same data and membership settings),
+which is what makes the comparison paired. Holm's correction is applied over the rows of one call.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class ScoreVector:
     is_member: np.ndarray
     score: np.ndarray
     extra: dict[str, Any] = field(default_factory=dict)
+    model_index: int = 0  # a fleet's models share their seed and differ here (`membership.n_models`)
+    experiment: str | None = None
 
 
 def load_vectors(
@@ -60,7 +63,7 @@ def load_vectors(
     table = run_query(
         db_path,
         f"""SELECT s.model_key, m.model_name, m.dataset, m.arch, m.width, m.defense, m.eps, m.seed,
-                   m.adv_train_acc, m.adv_test_acc, s.perturbation, p.kind, p.eps AS perturbation_eps,
+                   m.model_index, m.experiment, m.adv_train_acc, m.adv_test_acc, s.perturbation, p.kind, p.eps AS perturbation_eps,
                    list(s.example_id ORDER BY s.example_id) AS example_id,
                    list(s.is_member ORDER BY s.example_id) AS is_member,
                    list(s.score ORDER BY s.example_id) AS score
@@ -79,6 +82,7 @@ def load_vectors(
                 row["eps"], row["seed"], row["perturbation"], row["kind"], row["perturbation_eps"],
                 np.asarray(row["example_id"], dtype=np.int64), np.asarray(row["is_member"], dtype=bool), scores,
                 {"adv_train_acc": row["adv_train_acc"], "adv_test_acc": row["adv_test_acc"]},
+                row["model_index"] or 0, row["experiment"],
             )
         )  # fmt: skip
     return vectors
@@ -101,6 +105,47 @@ def make_pair(x: ScoreVector, y: ScoreVector) -> Pair:
                 f"{v.model_name} ({v.perturbation}) has NULL scores; a paired comparison needs all"
             )
     return Pair(x.score, y.score, x.is_member)
+
+
+def _replicate(v: ScoreVector) -> tuple:
+    """What makes two models of different defenses a pair: the same seed and, in a fleet, the same model."""
+    return (v.seed is None, v.seed, v.model_index)
+
+
+def match_models(a_vectors: Sequence[ScoreVector], b_vectors: Sequence[ScoreVector]) -> list[tuple]:
+    """(A, B) pairs of one group: matched on seed and model index (a fleet's models share their seed); where
+    several models of a side match, within one experiment. A match that stays ambiguous is an error, never a
+    silent pick of one of them."""
+    by_replicate: dict[tuple, tuple[list[ScoreVector], list[ScoreVector]]] = {}
+    for side, vectors in enumerate((a_vectors, b_vectors)):
+        for v in vectors:
+            by_replicate.setdefault(_replicate(v), ([], []))[side].append(v)
+    pairs = []
+    for _, (xs, ys) in sorted(by_replicate.items()):
+        if not xs or not ys:
+            continue
+        if len(xs) == 1 and len(ys) == 1:
+            pairs.append((xs[0], ys[0]))
+            continue
+        for experiment in sorted({x.experiment for x in xs} & {y.experiment for y in ys}, key=str):
+            same_x = [x for x in xs if x.experiment == experiment]
+            same_y = [y for y in ys if y.experiment == experiment]
+            if len(same_x) > 1 or len(same_y) > 1:
+                twins = same_x if len(same_x) > 1 else same_y
+                raise RobmiaError(
+                    f"{twins[0].model_name} and {twins[1].model_name} are both {twins[0].defense} with seed "
+                    f"{twins[0].seed} (model {twins[0].model_index}) in experiment {experiment!r}: a paired "
+                    "comparison cannot tell which to pair; remove one (robmia-db rm) or compare them apart"
+                )
+            pairs.append((same_x[0], same_y[0]))
+        if not pairs or pairs[-1][0] not in xs:
+            names = ", ".join(v.model_name for v in xs + ys)
+            raise RobmiaError(
+                f"models {names} match on seed {xs[0].seed} (model {xs[0].model_index}) but no two of them share "
+                "an experiment: a paired comparison cannot tell which to pair; remove the extra ones "
+                "(robmia-db rm) or compare them apart"
+            )
+    return pairs
 
 
 def compare_defenses(
@@ -164,12 +209,11 @@ def paired_rows(
     for (dataset, arch, width, vkind, peps), sides in sorted(groups.items(), key=lambda kv: str(kv[0])):
         for eps_a, a_vectors in sorted(sides["a"].items(), key=lambda kv: (kv[0] is None, kv[0])):
             for eps_b, b_vectors in sorted(sides["b"].items(), key=lambda kv: (kv[0] is None, kv[0])):
-                a_by_seed = {v.seed: v for v in a_vectors}
-                b_by_seed = {v.seed: v for v in b_vectors}
-                seeds = sorted(set(a_by_seed) & set(b_by_seed), key=lambda s: (s is None, s))
-                if not seeds:
+                matched = match_models(a_vectors, b_vectors)
+                if not matched:
                     continue
-                pairs = [make_pair(a_by_seed[s], b_by_seed[s]) for s in seeds]
+                pairs = [make_pair(x, y) for x, y in matched]
+                seeds = sorted({x.seed for x, _ in matched}, key=lambda s: (s is None, s))
                 result = paired_difference(pairs, metric, n_resamples, n_permutations, seed)
                 rows.append(
                     {

@@ -118,11 +118,12 @@ def adversarial_vs_benign(vectors, dataset, n_resamples, seed) -> list[dict[str,
     groups: dict[tuple, dict[Any, dict[str, ScoreVector]]] = {}
     for v in own:
         key = (v.arch, _eps_key(v.width), _eps_key(v.eps))
-        groups.setdefault(key, {}).setdefault(v.seed, {})[v.kind] = v
-    for (arch, width, eps), by_seed in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        # one model's I_A against its own I_B: every model is a pair (a fleet's models share their seed)
+        groups.setdefault(key, {}).setdefault(v.model_key, {})[v.kind] = v
+    for (arch, width, eps), by_model in sorted(groups.items(), key=lambda kv: str(kv[0])):
         pairs = [
             make_pair(k["adversarial"], k["benign"])
-            for k in by_seed.values()
+            for k in by_model.values()  # the vectors' order: by seed, then model name
             if {"adversarial", "benign"} <= set(k)
         ]
         if not pairs:

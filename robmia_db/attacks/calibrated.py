@@ -74,8 +74,21 @@ def side_median(refs: ReferenceMatrix, s: Side) -> np.ndarray:
     return np.where(s.count > 0, (a + b) * 0.5, np.nan)
 
 
+def side_deviations(refs: ReferenceMatrix, s: Side, centre: np.ndarray | float) -> np.ndarray:
+    """A new [r, n] array: values - centre on the side's entries, 0 elsewhere (the side's sums are then plain
+    sums). Where every value is finite this multiplies by the 0/1 mask (about 5x faster than a ufunc with
+    `where=` at fleet sizes, and the same sums: x * 1 is x and x * 0 a zero); a NaN or inf outside the side
+    would turn into NaN that way, so such matrices take the masked path."""
+    if refs.all_finite:
+        # a NaN centre marks an example without entries on this side, whose column is all masked out
+        deviations = np.subtract(refs.values, np.nan_to_num(centre, nan=0.0))
+        deviations *= s.mask.view(np.uint8)
+        return deviations
+    return np.subtract(refs.values, centre, out=np.zeros(refs.values.shape), where=s.mask)
+
+
 def side_mean(refs: ReferenceMatrix, s: Side) -> np.ndarray:
-    return _divide(np.where(s.mask, refs.values, 0.0).sum(axis=0), s.count)
+    return _divide(side_deviations(refs, s, 0.0).sum(axis=0), s.count)
 
 
 def fit_side(
@@ -87,14 +100,18 @@ def fit_side(
     s = side(refs, inside)
     mean = side_mean(refs, s) if location == "mean" or variance == "per_example" else None
     loc = side_median(refs, s) if location == "median" else mean
-    # centred values of the side, zero elsewhere (in place: these are the largest arrays of an attack); an
-    # example without entries on the side (NaN centre) has none of its entries in the mask
+    # centred values of the side, zero elsewhere (in place: these are the largest arrays of an attack)
     centre = loc if variance == "global" else mean
-    centred = np.subtract(refs.values, centre, out=np.zeros(refs.values.shape), where=s.mask)
+    centred = side_deviations(refs, s, centre)
     if variance == "global":
         total = int(s.count.sum())
         if total:
-            np.subtract(centred, centred.sum() / total, out=centred, where=s.mask)
+            shift = centred.sum() / total
+            if refs.all_finite:
+                centred -= shift
+                centred *= s.mask.view(np.uint8)
+            else:
+                np.subtract(centred, shift, out=centred, where=s.mask)
             std = np.sqrt(np.square(centred, out=centred).sum() / total)
         else:
             std = np.nan

@@ -183,6 +183,7 @@ class ReferenceMatrix:
         self.order = side_order(values, self.is_member, present) if order is None else order
         self._label = label
         self._usable: np.ndarray | None = None
+        self._all_finite: bool | None = None
         self._sides: dict[bool, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @property
@@ -192,10 +193,17 @@ class ReferenceMatrix:
         return self._label
 
     @property
+    def all_finite(self) -> bool:
+        """Every value finite: no absent entry (NaN), no NaN or inf signal; computed once."""
+        if self._all_finite is None:
+            self._all_finite = bool(np.isfinite(self.values).all())
+        return self._all_finite
+
+    @property
     def usable(self) -> np.ndarray:
         """Present and not NaN (what nanmedian / nanstd would count), computed once."""
         if self._usable is None:
-            self._usable = self.present & ~np.isnan(self.values)
+            self._usable = self.present if self.all_finite else self.present & ~np.isnan(self.values)
         return self._usable
 
     def side(self, inside: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

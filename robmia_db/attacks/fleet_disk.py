@@ -1,6 +1,6 @@
 """Attacks layer: a reference-attack fleet too large for memory, scored model by model from disk.
 
-The in-memory path (`sandbox.read_relations`) reads a group's whole fleet as one Arrow table (every column
+The in-memory path (`relations.read_relations`) reads a group's whole fleet as one Arrow table (every column
 of every row, about 100-200 bytes a row) and keeps it, with dense [model, example] matrices cut from it,
 while every target is scored. Here nothing of the fleet is held whole: each [model, example] matrix an
 attack asks for is written, by streaming Arrow batches of only the columns it needs out of DuckDB, to

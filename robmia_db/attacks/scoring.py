@@ -34,14 +34,12 @@ from robmia_db.attacks.planning import (
     signal_keys_of,
 )
 from robmia_db.attacks.registry import AttackRegistry, load_registry
+from robmia_db.attacks.relations import batches, close_relations, open_relations
 from robmia_db.attacks.results import ScoreStage, write_results
 from robmia_db.attacks.sandbox import (
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_TIMEOUT_S,
-    batches,
-    close_relations,
     close_sandbox,
-    open_relations,
     open_sandbox,
     run_batch,
 )
