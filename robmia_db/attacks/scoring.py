@@ -62,11 +62,17 @@ class AttackOutcome:
 
 class ScoreReporter(Protocol):
     def attack_started(self, attack: AttackDefinition, n_units: int) -> None: ...
+    # after each scored batch: how many of the attack's units have their scores (nested calibration runs
+    # not counted), for progress on long attacks; nothing is stored before `attack_finished`
+    def units_scored(self, attack: AttackDefinition, done: int, total: int) -> None: ...
     def attack_finished(self, outcome: AttackOutcome) -> None: ...
 
 
 class SilentScoreReporter:
     def attack_started(self, attack, n_units):
+        pass
+
+    def units_scored(self, attack, done, total):
         pass
 
     def attack_finished(self, outcome):
@@ -273,6 +279,7 @@ def score_attacks(
         reporter.attack_started(attack, len(todo))
         nested = NestedCalibration(calibration_models if attack.needs_reference else 0)
         nonfinite: dict[tuple[str, str], int] = {}
+        done = 0
         with ScoreStage(db_path) as stage:
             if todo:
                 by_inputs: dict[tuple, list[ScoreUnit]] = {}
@@ -294,6 +301,8 @@ def score_attacks(
                                     continue
                                 stage.add(table, batch)
                                 nonfinite.update({(k, batch[0].perturbation): n for k, n in counts.items()})
+                                done += len(batch)
+                                reporter.units_scored(attack, done, len(todo))
                             nested.finish()
                         finally:
                             close_relations(relations)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import click
 
 from robmia_db.cli.base import db_option, get_state, handle_errors, main
@@ -146,10 +149,24 @@ def score_command(
             overrides[key] = value
 
     class Echo:
+        """One line per attack on stdout; on a terminal, a live `attack: done/total scored` line on stderr
+        meanwhile (an attack with nested calibration can run for many minutes), erased when it ends."""
+
+        live = sys.stderr.isatty()
+
         def attack_started(self, attack, n_units):
-            pass
+            self.started = time.monotonic()
+
+        def units_scored(self, attack, done, total):
+            if self.live:
+                elapsed = time.monotonic() - self.started
+                sys.stderr.write(f"\r{attack.name}: {done}/{total} scored ({elapsed:.0f} s)\x1b[K")
+                sys.stderr.flush()
 
         def attack_finished(self, outcome):
+            if self.live:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
             parts = [f"{outcome.scored} scored", f"{outcome.cached} cached"]
             if outcome.skipped:
                 parts.append(f"{len(outcome.skipped)} skipped")
