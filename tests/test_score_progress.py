@@ -49,18 +49,16 @@ def test_the_reporter_hears_each_target_once_and_never_a_calibration_run(tmp_pat
     assert by_attack["confidence"][0][2] == 15 and len(by_attack["confidence"]) == 2 + 3
 
 
-def test_the_cli_shows_progress_on_a_terminal_only(tmp_path):
-    fleet = make_fleet(tmp_path, seed=5, n_models=4)
-    command = [sys.executable, "-m", "robmia_db", "score", "--db", str(fleet.db), "--attack", "lira_online",
-               "--resamples", "0", "--calibration-models", "0"]  # fmt: skip
+def _with_stderr_on_a_terminal(command: list[str]) -> tuple[subprocess.CompletedProcess, str]:
+    """Run `command` with stderr on a pseudo-terminal (stdout piped): its result and what the terminal got."""
     main, terminal = pty.openpty()
+    shown = b""
     try:
         result = subprocess.run(
             command, stdout=subprocess.PIPE, stderr=terminal, env=clean_env(), timeout=300, text=True
         )
         os.close(terminal)
         terminal = None
-        shown = b""
         while True:
             try:
                 chunk = os.read(main, 4096)
@@ -73,8 +71,27 @@ def test_the_cli_shows_progress_on_a_terminal_only(tmp_path):
         os.close(main)
         if terminal is not None:
             os.close(terminal)
-    assert result.returncode == 0, shown
-    live = shown.decode()
+    return result, shown.decode()
+
+
+FAILING_ON_THE_THIRD_TARGET = """ATTACK = {"title": "fails on its third target", "needs": ["signal", "reference_models"]}
+CALLS = []
+
+
+def score(ctx, params):
+    CALLS.append(1)
+    if len(CALLS) == 3:
+        raise ValueError("failing on purpose")
+    return ctx.sql("SELECT model_key, example_id, confidence AS score FROM target")
+"""
+
+
+def test_the_cli_shows_progress_on_a_terminal_only(tmp_path):
+    fleet = make_fleet(tmp_path, seed=5, n_models=4)
+    command = [sys.executable, "-m", "robmia_db", "score", "--db", str(fleet.db), "--attack", "lira_online",
+               "--resamples", "0", "--calibration-models", "0"]  # fmt: skip
+    result, live = _with_stderr_on_a_terminal(command)
+    assert result.returncode == 0, live
     assert "\rlira_online: 1/12 scored (" in live and "\rlira_online: 12/12 scored (" in live, live
     assert live.endswith("\r\x1b[K")  # erased before the attack's own line
     assert result.stdout.splitlines()[0].startswith("lira_online: 12 scored, 0 cached (")
@@ -83,3 +100,17 @@ def test_the_cli_shows_progress_on_a_terminal_only(tmp_path):
         command + ["--force"], capture_output=True, env=clean_env(), timeout=300, text=True
     )
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr  # not a terminal: no live line
+
+
+def test_an_error_after_some_progress_starts_on_a_clean_terminal_line(tmp_path):
+    fleet = make_fleet(tmp_path, seed=6, n_models=4)
+    attack = tmp_path / "third.py"
+    attack.write_text(FAILING_ON_THE_THIRD_TARGET)
+    command = [sys.executable, "-m", "robmia_db", "score", "--db", str(fleet.db), "--attack", str(attack),
+               "--resamples", "0", "--calibration-models", "0"]  # fmt: skip
+    result, live = _with_stderr_on_a_terminal(command)
+    assert result.returncode == 1, live
+    assert "\rthird: 2/12 scored (" in live and "3/12" not in live, live
+    progress, error = live.rsplit("\r\x1b[K", 1)  # the live line erased, then the error
+    assert error.startswith("Error: ") and "failing on purpose" in error and "Traceback" not in error, live
+    assert error.count("\n") == 1  # one line (the terminal turns \n into \r\n)

@@ -153,20 +153,26 @@ def score_command(
         meanwhile (an attack with nested calibration can run for many minutes), erased when it ends."""
 
         live = sys.stderr.isatty()
+        shown = False
 
         def attack_started(self, attack, n_units):
             self.started = time.monotonic()
 
         def units_scored(self, attack, done, total):
             if self.live:
+                self.shown = True
                 elapsed = time.monotonic() - self.started
                 sys.stderr.write(f"\r{attack.name}: {done}/{total} scored ({elapsed:.0f} s)\x1b[K")
                 sys.stderr.flush()
 
-        def attack_finished(self, outcome):
-            if self.live:
+        def erase(self):
+            if self.shown:
                 sys.stderr.write("\r\x1b[K")
                 sys.stderr.flush()
+                self.shown = False
+
+        def attack_finished(self, outcome):
+            self.erase()
             parts = [f"{outcome.scored} scored", f"{outcome.cached} cached"]
             if outcome.skipped:
                 parts.append(f"{len(outcome.skipped)} skipped")
@@ -183,11 +189,15 @@ def score_command(
             attack_paths += [str((item.path.parent / p).resolve()) for p in item.spec.attacks.paths]
             if not attack_names:
                 attack_names += [n for n in item.spec.attacks.names if n not in attack_names]
-    outcomes = score_attacks(
-        get_state().db_path, attack_names or None, attack_paths, overrides, force,
-        list(model_names) or None, Echo(), replace=replace, timeout_s=timeout_s, memory_limit=memory_limit,
-        resamples=resamples, calibration_models=calibration_models, fleet_memory=fleet_memory,
-    )  # fmt: skip
+    echo = Echo()
+    try:
+        outcomes = score_attacks(
+            get_state().db_path, attack_names or None, attack_paths, overrides, force,
+            list(model_names) or None, echo, replace=replace, timeout_s=timeout_s, memory_limit=memory_limit,
+            resamples=resamples, calibration_models=calibration_models, fleet_memory=fleet_memory,
+        )  # fmt: skip
+    finally:
+        echo.erase()  # an error or Ctrl-C prints its one line on a clean terminal line
     click.echo(
         f"{sum(o.scored for o in outcomes)} (attack, model, perturbation) scored; "
         'see v_metrics: robmia-db sql "SELECT model_name, attack, perturbation, balanced_accuracy, auc FROM v_metrics"'
