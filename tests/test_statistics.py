@@ -226,3 +226,11 @@ def test_compare_pairs_within_an_experiment_and_refuses_an_ambiguous_match():
     apart = _fleet_vector("natural", 0, 0.2, experiment="other")
     with pytest.raises(RobmiaError, match="no two of them share an experiment"):
         paired_rows([robust, natural_elsewhere, apart], "pgd_at", "natural", "auc", 50, 20)
+    # the same at model index 1, after an unambiguous pair at model index 0
+    later = [
+        _fleet_vector("pgd_at", 1, 1.0, experiment="sweep"),
+        _fleet_vector("natural", 1, 0.0, experiment="quickstart"),
+        _fleet_vector("natural", 1, 0.2, experiment="other"),
+    ]
+    with pytest.raises(RobmiaError, match="no two of them share an experiment"):
+        paired_rows([robust, natural_here, *later], "pgd_at", "natural", "auc", 50, 20)

@@ -127,7 +127,8 @@ def match_models(a_vectors: Sequence[ScoreVector], b_vectors: Sequence[ScoreVect
         if len(xs) == 1 and len(ys) == 1:
             pairs.append((xs[0], ys[0]))
             continue
-        for experiment in sorted({x.experiment for x in xs} & {y.experiment for y in ys}, key=str):
+        shared = sorted({x.experiment for x in xs} & {y.experiment for y in ys}, key=str)
+        for experiment in shared:
             same_x = [x for x in xs if x.experiment == experiment]
             same_y = [y for y in ys if y.experiment == experiment]
             if len(same_x) > 1 or len(same_y) > 1:
@@ -138,7 +139,7 @@ def match_models(a_vectors: Sequence[ScoreVector], b_vectors: Sequence[ScoreVect
                     "comparison cannot tell which to pair; remove one (robmia-db rm) or compare them apart"
                 )
             pairs.append((same_x[0], same_y[0]))
-        if not pairs or pairs[-1][0] not in xs:
+        if not shared:
             names = ", ".join(v.model_name for v in xs + ys)
             raise RobmiaError(
                 f"models {names} match on seed {xs[0].seed} (model {xs[0].model_index}) but no two of them share "

@@ -38,7 +38,7 @@ def read_relations(
     """
     if attack.needs_reference:
         return _read_fleet_relations(store, attack, units)
-    store.register("_units", _units_table(units))
+    store.register("_units", _unit_inputs_table(units))
     # the units' signal keys as constants: DuckDB pushes them into the scan of `signals` (whose row groups
     # follow the inserts, one perturbation at a time) and skips the rest of the store; joined to `_units`
     # alone it planned a hash join that held GBs of a 1e8-row store to read 2 M rows
@@ -324,7 +324,8 @@ def _reference_relation(reference: pa.Table, unit: ScoreUnit) -> pa.Table:
     )
 
 
-def _units_table(units: list[ScoreUnit]) -> pa.Table:
+def _unit_inputs_table(units: list[ScoreUnit]) -> pa.Table:
+    """Per unit its model and perturbation and the perturbation each kind it needs reads (NULL if none)."""
     columns: dict[str, list[Any]] = {"model_key": [], "perturbation": []}
     for kind in KIND_NEEDS:
         columns[f"{kind}_perturbation"] = []
