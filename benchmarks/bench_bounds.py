@@ -212,7 +212,7 @@ def ibp_products(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: fl
     construction, against which the rest of the kernel is measured.
     """
     from robmia_db.runner import bounds_interval
-    from robmia_db.runner.bounds_core import _input_box, _Network, channels_last
+    from robmia_db.runner.bounds_core import _input_box, _Network
 
     net = _Network.build(model, x)
     calls = []
@@ -221,8 +221,11 @@ def ibp_products(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: fl
             if isinstance(layer, (nn.Conv2d, nn.Linear)) and index < len(net.layers) - 1:
                 box = _input_box(x, eps, 0.0, 1.0, torch.float32)
                 centre, width, order = bounds_interval.interval_last(net, *box, index, owned=True)
-                weight, weight_abs, bias = bounds_interval._pair_weights(layer, order)
-                calls.append((layer, channels_last(centre), channels_last(width), weight, weight_abs, bias))
+                # The plain pass's weights and layout (the input's, NCHW), as `_interval_pass` uses them.
+                weight, weight_abs, bias = bounds_interval._pair_weights(
+                    layer, order, maps_channels_last=False
+                )
+                calls.append((layer, centre, width, weight, weight_abs, bias))
         box = _input_box(x, eps, 0.0, 1.0, torch.float32)
         last_state = bounds_interval.interval_last(net, *box, len(net.layers) - 1, owned=True)
         bounds_interval.elided_margins(net, last_state, y)  # fills the cache read below

@@ -1,8 +1,9 @@
 """The IBP kernel (bounds_interval) on the layouts it special-cases, against float64 interval arithmetic.
 
-The kernel runs maps channels-last (one-channel inputs included), reads flattened maps in (H, W, C) order
-with permuted Linear columns, overwrites its own intermediates without autograd, caches derived weights per
-parameter version, and merges the last layer with the margin specs by one product (a per-sample spec above
+The plain pass keeps the input's layout and CROWN-IBP's runs maps channels-last (one-channel inputs
+included); the kernel reads flattened channels-last maps in (H, W, C) order with permuted Linear columns,
+takes Linear products from oneDNN and overwrites its own intermediates without autograd, caches derived
+weights per parameter version, and merges the last layer with the margin specs by one product (a per-sample spec above
 32 classes). Each of these is checked here against `numpy_intervals` (W+ / W- in float64).
 """
 
@@ -254,3 +255,45 @@ def test_crown_ibp_relaxations_match_float64_intervals(case: str, eps: float) ->
         zero = x.reshape(len(x), -1) == 0
         assert zero.any() and (lower_slope[zero] == 1).all() and (gap[zero] == 0).all()
         assert (intercept[zero] == 0).all()
+
+
+def test_linear_products_without_autograd_match_f_linear_and_fall_back_for_good(monkeypatch) -> None:
+    # `_linear` takes oneDNN's product where it applies: the same numbers as F.linear up to summation order.
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.rand(64, 300, generator=generator)
+    weight = torch.randn(40, 300, generator=generator, requires_grad=True)
+    bias = torch.randn(40, generator=generator)
+    with torch.no_grad():
+        expected = nn.functional.linear(inputs, weight, bias)
+        torch.testing.assert_close(
+            bounds_interval._linear(inputs, weight, bias), expected, rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            bounds_interval._linear(inputs, weight, None), expected - bias, rtol=1e-5, atol=1e-5
+        )
+    # Under autograd the product must carry the graph (the oneDNN op has no derivative).
+    tracked = bounds_interval._linear(inputs, weight, bias)
+    tracked.sum().backward()
+    torch.testing.assert_close(weight.grad, inputs.sum(0).expand(40, -1), rtol=1e-5, atol=1e-4)
+
+    def refuses(*args):
+        raise RuntimeError("not for this input")
+
+    monkeypatch.setattr(bounds_interval, "_ONEDNN_LINEAR", refuses)
+    with torch.no_grad():
+        assert torch.equal(bounds_interval._linear(inputs, weight, bias), expected)
+    assert bounds_interval._ONEDNN_LINEAR is None  # refused once, never asked again
+
+
+def test_the_plain_pass_keeps_the_input_layout_and_crown_ibp_runs_channels_last() -> None:
+    # The layouts `_interval_pass` chooses (see its comment): what they give is checked above against
+    # float64; here, that the choice is made (a channels-last plain pass convolves a one-channel 28x28
+    # input about 2x slower on the AMD machines here; an NCHW CROWN-IBP pass would copy every relaxation).
+    model, x, _ = _case("cnn28")
+    net = bounds_core._Network.build(model, x)
+    box = bounds_core._input_box(x, EPS, 0.0, 1.0, torch.float32)
+    with torch.no_grad():
+        centre, width, order = bounds_interval.interval_last(net, *box, 3)
+        assert centre.is_contiguous() and width.is_contiguous() and order is None
+        relaxations, (centre, width, _) = bounds_interval.interval_relaxations(net, *box, 3)
+        assert centre.is_contiguous(memory_format=torch.channels_last) and not centre.is_contiguous()
