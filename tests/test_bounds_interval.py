@@ -285,6 +285,29 @@ def test_linear_products_without_autograd_match_f_linear_and_fall_back_for_good(
     assert bounds_interval._ONEDNN_LINEAR is None  # refused once, never asked again
 
 
+def test_the_onednn_linear_op_is_checked_against_f_linear_before_its_first_use(monkeypatch) -> None:
+    # A private op: one that gives other numbers than F.linear is never used (F.linear's exact numbers).
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    assert bounds_interval._checked_onednn_linear() is not None  # this build's op passes
+    monkeypatch.setattr(bounds_interval, "_ONEDNN_LINEAR", bounds_interval._UNCHECKED)
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Wrong:
+        def __getattr__(self, name):
+            if name == "_linear_pointwise":
+                return lambda *args: real(*args) * 1.001
+            return getattr(torch.ops.mkldnn, name)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Wrong(), raising=False)
+    inputs, weight = torch.rand(8, 30), torch.randn(4, 30)
+    with torch.no_grad():
+        assert torch.equal(
+            bounds_interval._linear(inputs, weight, None), nn.functional.linear(inputs, weight)
+        )
+    assert bounds_interval._ONEDNN_LINEAR is None
+
+
 def test_the_plain_pass_keeps_the_input_layout_and_crown_ibp_runs_channels_last() -> None:
     # The layouts `_interval_pass` chooses (see its comment): what they give is checked above against
     # float64; here, that the choice is made (a channels-last plain pass convolves a one-channel 28x28

@@ -99,8 +99,9 @@ def _linear(inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     Why: PyTorch's CPU matrix product goes to MKL, whose sgemm on the AMD EPYC (Zen 5) machines here runs
     the 28x28 network's (128, 1568) x (1568, 100) product in 0.42 ms against 0.21 ms for oneDNN's
     (`torch.ops.mkldnn._linear_pointwise`, the op PyTorch's own compiler emits for frozen Linear layers).
-    The two differ by summation order only (about 1e-6 relative). Under autograd the op has no derivative,
-    so training keeps F.linear; a build without it, or a call it refuses, falls back to F.linear for good.
+    The two differ by summation order only (about 1e-6 relative). The op is private to PyTorch, so its first
+    use checks it against F.linear (`_checked_onednn_linear`); under autograd it has no derivative, so
+    training keeps F.linear; a build without it, a failed check or a call it refuses mean F.linear for good.
     """
     global _ONEDNN_LINEAR
     if (
@@ -109,23 +110,38 @@ def _linear(inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         and inputs.device.type == "cpu"
         and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
     ):
-        try:
-            return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
-        except RuntimeError:
-            _ONEDNN_LINEAR = None
+        if _ONEDNN_LINEAR is _UNCHECKED:
+            _ONEDNN_LINEAR = _checked_onednn_linear()
+        if _ONEDNN_LINEAR is not None:
+            try:
+                return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
+            except RuntimeError:
+                _ONEDNN_LINEAR = None
     return F.linear(inputs, weight, bias)
 
 
-def _onednn_linear():
+def _checked_onednn_linear():
+    """oneDNN's Linear op if this build has it and it gives F.linear's numbers (with and without a bias,
+    on a strided input), else None."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise
+        op = torch.ops.mkldnn._linear_pointwise
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn(6, 40, generator=generator)[::2]
+        weight, bias = torch.randn(5, 40, generator=generator), torch.randn(5, generator=generator)
+        with torch.no_grad():
+            for with_bias in (bias, None):
+                got = op(inputs, weight, with_bias, "none", [], "")
+                if not torch.allclose(got, F.linear(inputs, weight, with_bias), rtol=1e-5, atol=1e-5):
+                    return None
     except (AttributeError, RuntimeError):
         return None
+    return op
 
 
-_ONEDNN_LINEAR = _onednn_linear()
+_UNCHECKED = object()
+_ONEDNN_LINEAR = _UNCHECKED
 
 
 def interval_last(
