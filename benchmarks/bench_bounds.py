@@ -4,7 +4,7 @@ Baselines measured in the same run: a plain forward pass and a PGD-20 attack (th
 Times are process CPU time at 1 torch thread (robust to other jobs on a shared 2-core machine), the minimum
 of `--repeats` runs after one warm-up, more for kernels of a few ms (the median, the page faults per call and
 the number of repeats are kept in the JSON, with the load average before and after). The process first takes
-the runner's malloc setting (`executor.keep_freed_memory`, as `robmia run` does at its start), so no kernel
+the runner's malloc setting (`malloc.keep_freed_memory`, as `robmia-db run` does at its start), so no kernel
 pays page faults for memory glibc handed back after the previous call; `--glibc-default` keeps glibc's
 defaults for the table, where each kernel pays what its heap history gives it (CROWN-IBP ~8,700 faults per
 call, ~0.2 ms per sample here). Last, the forward pass and IBP run again interleaved call by call (the
@@ -137,7 +137,7 @@ def cpu_ms_per_sample(work: Callable[[], object], samples: int, repeats: int) ->
 
 
 def fix_heap() -> bool:
-    """The runner's malloc setting (`executor.keep_freed_memory`): freed memory stays in the process (True when set).
+    """The runner's malloc setting (`malloc.keep_freed_memory`): freed memory stays in the process (True when set).
 
     By default glibc trims the top of its heap (and maps large blocks afresh) once a few MB are free, so a
     call that allocates some MB faults every page in again on the next call. On this VM that is ~1 us per
@@ -145,7 +145,7 @@ def fix_heap() -> bool:
     (its dynamic thresholds), i.e. on which kernels ran before. The runner sets fixed thresholds at its
     start, which removes the page faults for every kernel alike, so the time left is the kernel's own.
     """
-    from robmia_db.runner.executor import keep_freed_memory
+    from robmia_db.runner.malloc import keep_freed_memory
 
     return keep_freed_memory()
 

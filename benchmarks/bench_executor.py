@@ -123,7 +123,7 @@ def _local_in_own_session(spec: Path, db: Path, warm: Path) -> tuple[float, int]
 
 def _synthetic_result(rows: int, classes: int, checkpoint_mb: float):
     """A ModelResult of a given size, built from the real record types (no torch needed to make it)."""
-    from robmia_db.runner.executor import ModelResult
+    from robmia_db.runner.model_result import ModelResult
     from robmia_db.spec import load_specs
     from robmia_db.store import ingest
     from robmia_db.store.signals import signal_table, signals_from_logits

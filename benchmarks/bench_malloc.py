@@ -1,4 +1,4 @@
-"""Benchmark: the runner's glibc malloc setting (`executor.keep_freed_memory`) against glibc's defaults.
+"""Benchmark: the runner's glibc malloc setting (`malloc.keep_freed_memory`) against glibc's defaults.
 
 The setting cannot be undone inside a process, so each measurement is a fresh child process, with the
 setting or without, alternating (`--rounds` pairs, the first of each pair alternating too) so that both see
@@ -43,7 +43,7 @@ def _timed(work, repeats: int) -> dict[str, float]:
 def child(setting: bool, repeats: int) -> dict[str, object]:
     import torch
 
-    from robmia_db.runner.executor import keep_freed_memory
+    from robmia_db.runner.malloc import keep_freed_memory
 
     applied = keep_freed_memory() if setting else False
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Benchmark (script, not a test): our training loop vs a bare torch loop doing the same work.
 
-`robmia_db.runner.executor.train_model` (defense registry, TrainProgress, PGD with frozen parameters, loss
+`robmia_db.runner.training.train_model` (defense registry, TrainProgress, PGD with frozen parameters, loss
 bookkeeping) trains one epoch of `pgd_at` and of `natural` on digits; a bare loop written here trains the
 same architecture from the same seed on the same members, batch size, optimizer, PGD steps and step size.
 Both consume the random streams in the same order, so they also end with the same weights (checked and
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from robmia_db.datasets import load_dataset
 from robmia_db.runner.data import split_membership
-from robmia_db.runner.executor import SilentReporter, train_model
 from robmia_db.runner.models import build_model
+from robmia_db.runner.reporting import SilentReporter
+from robmia_db.runner.training import train_model
 from robmia_db.spec import ModelJob, load_specs
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_training.json"

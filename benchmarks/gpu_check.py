@@ -106,8 +106,9 @@ def _epoch_vs_bare(device, repeats: int) -> dict:
 
     from robmia_db.datasets import load_dataset
     from robmia_db.runner.data import split_membership
-    from robmia_db.runner.executor import SilentReporter, train_model
     from robmia_db.runner.models import build_model
+    from robmia_db.runner.reporting import SilentReporter
+    from robmia_db.runner.training import train_model
     from robmia_db.spec import load_specs
 
     spec_text = (ROOT / "specs" / "quickstart.toml").read_text()

@@ -68,6 +68,6 @@ def unregister(added: dict) -> None:
 def setup_worker() -> None:
     """Ray's worker_process_setup_hook: the defenses, and a partial checkpoint after every epoch."""
     register()
-    from robmia_db.runner import executor
+    from robmia_db.runner import training
 
-    executor.PARTIAL_SAVE_INTERVAL_S = -1.0
+    training.PARTIAL_SAVE_INTERVAL_S = -1.0

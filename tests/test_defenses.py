@@ -1,7 +1,7 @@
 """Defenses: each improves what it targets over natural training; losses against independent oracles; schedules;
 parameter validation and model keys through real specs.
 
-Training runs go through the real path (TOML spec -> `load_specs` -> `executor.train_model`) on scikit-learn's
+Training runs go through the real path (TOML spec -> `load_specs` -> `training.train_model`) on scikit-learn's
 digits with a small MLP. Oracles: analytic gradients of a linear model in numpy (WRM, the CCS'19 L-inf WRM,
 TRADES), numpy interval arithmetic (IBP, DiffAI box) and convex_adversarial (dual).
 """
@@ -59,12 +59,13 @@ def jobs_of(tmp_path: Path, text: str, name: str = "spec.toml"):
 
 @cache
 def trained(defense: str, params_items: tuple[tuple[str, Any], ...], epochs: int) -> dict[str, float]:
-    """Train through the real executor; held-out clean, PGD-20 and verified accuracies (cached per config)."""
+    """Train through the real training loop; held-out clean, PGD-20 and verified accuracies (cached per config)."""
     import tempfile
 
     from robmia_db.datasets import load_dataset
     from robmia_db.runner.data import split_membership
-    from robmia_db.runner.executor import SilentReporter, train_model
+    from robmia_db.runner.reporting import SilentReporter
+    from robmia_db.runner.training import train_model
 
     with tempfile.TemporaryDirectory() as folder:
         job = jobs_of(Path(folder), spec_text(defense, dict(params_items), epochs))[0]

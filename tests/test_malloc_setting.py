@@ -1,4 +1,4 @@
-"""The runner's glibc malloc setting (executor.keep_freed_memory): steps stop faulting pages in; the user wins.
+"""The runner's glibc malloc setting (malloc.keep_freed_memory): steps stop faulting pages in; the user wins.
 
 Each case runs in a fresh interpreter: the setting cannot be undone inside a process.
 """
@@ -25,7 +25,7 @@ PROBE = """
 import json, resource, sys
 import torch
 from torch import nn
-from robmia_db.runner.executor import keep_freed_memory
+from robmia_db.runner.malloc import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "set" else None
 torch.set_num_threads(1)
 torch.manual_seed(0)

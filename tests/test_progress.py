@@ -112,7 +112,7 @@ def test_resuming_from_epoch_n_keeps_the_time_before_the_interruption(write_spec
     import torch
 
     from robmia_db.datasets import load_dataset
-    from robmia_db.runner import executor
+    from robmia_db.runner import training
     from robmia_db.runner.data import split_membership
     from robmia_db.store.connection import checkpoint_dir
 
@@ -130,10 +130,10 @@ def test_resuming_from_epoch_n_keeps_the_time_before_the_interruption(write_spec
         def __getattr__(self, name):
             return lambda *args: None
 
-    monkeypatch.setattr(executor, "PARTIAL_SAVE_INTERVAL_S", -1.0)
+    monkeypatch.setattr(training, "PARTIAL_SAVE_INTERVAL_S", -1.0)
     dataset = load_dataset("digits")
     with pytest.raises(KeyboardInterrupt):
-        executor.train_model(
+        training.train_model(
             job, dataset, split_membership(dataset, job.identity), torch.device("cpu"), StopAt7(), partial
         )
     before = torch.load(partial, weights_only=True)

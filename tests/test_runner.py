@@ -337,7 +337,7 @@ def test_training_resumes_mid_run_from_its_partial_checkpoint(write_spec, tmp_pa
     import torch
 
     from robmia_db.datasets import load_dataset
-    from robmia_db.runner import executor
+    from robmia_db.runner import training
     from robmia_db.runner.data import split_membership
     from robmia_db.spec import load_specs
 
@@ -347,14 +347,14 @@ def test_training_resumes_mid_run_from_its_partial_checkpoint(write_spec, tmp_pa
     dataset = load_dataset("digits")
     split = split_membership(dataset, job.identity)
     device = torch.device("cpu")
-    reference, _ = executor.train_model(job, dataset, split, device, _StopAfter(None))
+    reference, _ = training.train_model(job, dataset, split, device, _StopAfter(None))
 
-    monkeypatch.setattr(executor, "PARTIAL_SAVE_INTERVAL_S", -1.0)  # save after every epoch
+    monkeypatch.setattr(training, "PARTIAL_SAVE_INTERVAL_S", -1.0)  # save after every epoch
     partial = tmp_path / "fresh.checkpoints" / f"{job.model_key}.partial.pt"  # folder does not exist yet
     with pytest.raises(KeyboardInterrupt):
-        executor.train_model(job, dataset, split, device, _StopAfter(7), partial)
+        training.train_model(job, dataset, split, device, _StopAfter(7), partial)
     assert partial.exists()
-    resumed, history = executor.train_model(job, dataset, split, device, _StopAfter(None), partial)
+    resumed, history = training.train_model(job, dataset, split, device, _StopAfter(None), partial)
     assert [h["epoch"] for h in history] == list(range(1, 13))
     for name, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name

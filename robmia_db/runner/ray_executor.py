@@ -1,6 +1,6 @@
 """Runner layer: `--executor ray`, one Ray task per model. The only module of the project that imports ray.
 
-Each task trains one model and computes its signals (`executor.compute_model`) and hands the result back
+Each task trains one model and computes its signals (`model_result.compute_model`) and hands the result back
 to the driver, which alone writes the store, one short transaction per finished model, so `sql`, `score`
 and `report` keep working during a run. Hand-offs:
 
@@ -35,19 +35,16 @@ import ray
 import torch
 
 from robmia_db.errors import RobmiaError
-from robmia_db.runner.executor import (
-    ModelOutcome,
+from robmia_db.runner.executor import ModelTask, RayOptions, RunContext
+from robmia_db.runner.malloc import keep_freed_memory
+from robmia_db.runner.model_result import (
     ModelResult,
-    ModelTask,
-    RayOptions,
-    RunContext,
     compute_model,
     failure_text,
-    keep_freed_memory,
-    notify,
     store_failure,
     store_result,
 )
+from robmia_db.runner.reporting import ModelOutcome, notify
 from robmia_db.store.connection import checkpoint_dir
 
 EVENT_INTERVAL_S = 0.25  # a worker sends its epoch events at most this often (all of them, batched)
@@ -196,7 +193,7 @@ def _prepare_worker(threads: int) -> bool:
 
     Ray reuses a worker process for the next task, so the setting is decided at its first task and kept;
     it yields where the worker's environment tunes glibc's malloc or sets ROBMIA_MALLOC=default, exactly as
-    in the driver (`executor.keep_freed_memory`). Returns whether the setting is applied in this process.
+    in the driver (`malloc.keep_freed_memory`). Returns whether the setting is applied in this process.
     """
     global _MALLOC_SET
     torch.set_num_threads(threads)
