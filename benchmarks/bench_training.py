@@ -35,6 +35,8 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "bench_training.json"
 SPEC = """
 [experiment]
 name = "bench"
+[data]
+dataset = "digits"
 [membership]
 n_members = {members}
 n_nonmembers = 100
