@@ -590,6 +590,24 @@ def any_population(request: pytest.FixtureRequest) -> Population:
     return request.getfixturevalue(request.param)
 
 
+def test_configurations_count_a_fleets_models_and_its_one_seed(population: Population):
+    # A fleet's models share seed 0 and differ in their member set: n_models of them, one seed.
+    (row,) = query(
+        population.db,
+        "SELECT * FROM v_configurations WHERE attack = 'confidence' AND perturbation = 'benign'",
+    )
+    values = [
+        r["balanced_accuracy"]
+        for r in query(
+            population.db,
+            "SELECT balanced_accuracy FROM v_metrics WHERE attack = 'confidence' AND kind = 'benign'",
+        )
+    ]
+    assert (row["n_models"], row["n_seeds"], row["seeds"]) == (3, 1, [0]) and len(values) == 3
+    assert row["balanced_accuracy_mean"] == pytest.approx(np.mean(values), abs=1e-14)
+    assert row["balanced_accuracy_sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-14)
+
+
 def test_population_runs_reference_attacks(any_population: Population):
     population = any_population
     n_units = 3 * len(population.perturbations)

@@ -1,5 +1,5 @@
 """`robmia-db report --tables csv|latex`: the paper table and leaderboard with intervals, checked against
-v_metrics (bootstrap intervals) and scipy's t interval (over seeds)."""
+v_metrics (bootstrap intervals) and scipy's t interval (over a configuration's models)."""
 
 from __future__ import annotations
 
@@ -52,14 +52,15 @@ def test_csv_tables_carry_the_stored_intervals(store, tmp_path):
         for r in query(store, "SELECT * FROM v_metrics WHERE attack = 'confidence'")
     }
     natural = metrics[("nat_0", "benign")]
-    assert paper["natural"]["n_seeds"] == "1" and paper["natural"]["i_b_interval"] == "bootstrap"
+    assert paper["natural"]["n_models"] == "1" and paper["natural"]["i_b_interval"] == "bootstrap"
     assert float(paper["natural"]["i_b"]) == natural["balanced_accuracy"]
     assert float(paper["natural"]["i_b_ci_low"]) == natural["balanced_accuracy_ci_low"]
     assert float(paper["natural"]["i_b_ci_high"]) == natural["balanced_accuracy_ci_high"]
     robust = [metrics[(n, "adversarial")]["balanced_accuracy"] for n in ("pgd_a", "pgd_b", "pgd_c")]
     low, high = stats.t.interval(0.95, 2, loc=np.mean(robust), scale=stats.sem(robust))
     row = paper["pgd_at"]
-    assert row["n_seeds"] == "3" and row["i_a_interval"] == "seeds"
+    assert row["n_models"] == "3" and row["i_a_interval"] == "models"
+    assert row["n_seeds"] == "0"  # imported models have no training seed
     assert float(row["i_a"]) == pytest.approx(np.mean(robust), abs=1e-12)
     assert float(row["i_a_ci_low"]) == pytest.approx(low, abs=1e-6)
     assert float(row["i_a_ci_high"]) == pytest.approx(high, abs=1e-6)

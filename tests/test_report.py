@@ -248,7 +248,7 @@ def test_paper_table_matches_views_and_sklearn(report_page, report_store):
     checked = 0
     for row in rows:
         keys = row.attrs["data-models"].split()
-        assert int(row.find_all("td", data_col="n_seeds")[0].text) == len(keys)
+        assert int(row.find_all("td", data_col="n_models")[0].text) == len(keys)
         references = {}
         for column in ("train_acc", "test_acc", "adv_train_acc", "adv_test_acc"):
             references[column] = [models[k][column] for k in keys]
@@ -269,14 +269,14 @@ def test_paper_table_matches_views_and_sklearn(report_page, report_store):
             else:
                 assert cell.attrs["data-std"] == ""
             assert cell.text.split("±")[0].split("[")[0].strip() == f"{100 * np.mean(values):.2f}"
-            # issue 10: the 95 % interval, over seeds (scipy's t) or the model's stored bootstrap interval
+            # issue 10: the 95 % interval, over the row's models (scipy's t) or the model's stored bootstrap one
             if len(values) > 1:
                 low = high = np.mean(values)  # a zero spread (scipy would give NaN): the point itself
                 if np.std(values) > 0:
                     low, high = stats.t.interval(
                         0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values)
                     )
-                assert cell.attrs["data-ci-source"] == "seeds"
+                assert cell.attrs["data-ci-source"] == "models"
                 assert float(cell.attrs["data-ci-low"]) == pytest.approx(low, abs=1e-6)
                 assert float(cell.attrs["data-ci-high"]) == pytest.approx(high, abs=1e-6)
             elif column in ("i_b", "i_a"):
@@ -681,7 +681,7 @@ def test_large_store_stays_small_and_caps_charts(tmp_path, monkeypatch):
     assert {th.attrs.get("data-col") for th in table.find_all("th")} >= {"verified_train_acc", "i_v"}
     # 4 defenses x 5 widths x 2 seeds: each row pools 2 seeds
     rows = table.find_all("tr")[1:]
-    assert len(rows) == 20 and all(r.find_all("td", data_col="n_seeds")[0].text == "2" for r in rows)
+    assert len(rows) == 20 and all(r.find_all("td", data_col="n_models")[0].text == "2" for r in rows)
     assert len([s for s in specs.values() if s.get("title", "").endswith("· width")]) == 4
 
     monkeypatch.setattr(report_queries, "MAX_MODEL_CHARTS", 6)

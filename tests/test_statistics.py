@@ -164,7 +164,8 @@ def test_configurations_view_matches_scipy_t_interval(tmp_path):
             ]
         )
         (row,) = query(db, f"SELECT * FROM v_configurations WHERE defense = '{defense}' AND kind = 'benign'")
-        assert row["n_seeds"] == n == values.size
+        assert row["n_models"] == n == values.size
+        assert row["n_seeds"] == 0 and row["seeds"] == []  # imported models have no training seed
         assert row["balanced_accuracy_mean"] == pytest.approx(values.mean(), abs=1e-14)
         assert row["balanced_accuracy_sd"] == pytest.approx(values.std(ddof=1), abs=1e-14)
         low, high = stats.t.interval(0.95, n - 1, loc=values.mean(), scale=stats.sem(values))

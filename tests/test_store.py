@@ -109,7 +109,8 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "v_configurations": [
         ("experiment", "VARCHAR"), ("dataset", "VARCHAR"), ("arch", "VARCHAR"), ("width", "DOUBLE"),
         ("defense", "VARCHAR"), ("eps", "DOUBLE"), ("attack", "VARCHAR"), ("perturbation", "VARCHAR"),
-        ("kind", "VARCHAR"), ("perturbation_eps", "DOUBLE"), ("n_seeds", "BIGINT"), ("seeds", "INTEGER[]"),
+        ("kind", "VARCHAR"), ("perturbation_eps", "DOUBLE"), ("n_models", "BIGINT"), ("n_seeds", "BIGINT"),
+        ("seeds", "INTEGER[]"),
         ("balanced_accuracy_mean", "DOUBLE"), ("balanced_accuracy_sd", "DOUBLE"),
         ("balanced_accuracy_ci_low", "DOUBLE"), ("balanced_accuracy_ci_high", "DOUBLE"),
         ("auc_mean", "DOUBLE"), ("auc_sd", "DOUBLE"), ("auc_ci_low", "DOUBLE"), ("auc_ci_high", "DOUBLE"),

@@ -34,7 +34,7 @@ def paper_rows(data: ReportData) -> list[dict[str, Any]]:
         for row in table["rows"]:
             record: dict[str, Any] = {
                 "dataset": table["dataset"], "defense": row["defense"], "detail": row["detail"],
-                "n_seeds": row["n_seeds"],
+                "n_models": row["n_models"], "n_seeds": row["n_seeds"],
             }  # fmt: skip
             for column, _ in PAPER_COLUMNS:
                 cell = row["cells"][column]
@@ -128,7 +128,7 @@ def paper_latex(rows: list[dict[str, Any]]) -> str:
         c: latex_escape(label.replace("<sub>", "_").replace("</sub>", "")) for c, label in PAPER_COLUMNS
     }
     labels |= {"i_b": "$I_B$", "i_a": "$I_A$", "i_v": "$I_V$"}
-    header = ["dataset", "defense", "seeds"] + [labels[c] for c in columns]
+    header = ["dataset", "defense", "models"] + [labels[c] for c in columns]
     body, groups, last = [], [], None
     for r in rows:
         if r["dataset"] != last:
@@ -136,12 +136,13 @@ def paper_latex(rows: list[dict[str, Any]]) -> str:
             last = r["dataset"]
         name = r["defense"] + (f" ({r['detail']})" if r["detail"] else "")
         body.append(
-            [latex_escape(r["dataset"]), latex_escape(name), str(r["n_seeds"])]
+            [latex_escape(r["dataset"]), latex_escape(name), str(r["n_models"])]
             + [_cell(r[c], r[f"{c}_ci_low"], r[f"{c}_ci_high"]) for c in columns]
         )
     caption = (
-        "Accuracies and inference accuracies (\\%) of the confidence attack, with 95\\% intervals: over seeds "
-        "(Student t) where a configuration has several, else the stratified bootstrap over examples."
+        "Accuracies and inference accuracies (\\%) of the confidence attack, with 95\\% intervals: over the "
+        "configuration's models (its seeds, or a fleet's models; Student t) where it has several, else the "
+        "stratified bootstrap over examples."
     )
     return _latex_table(header, body, caption, groups, n_left=2)
 

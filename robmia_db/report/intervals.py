@@ -50,12 +50,13 @@ def bootstrap_intervals(data: ReportData) -> dict[tuple[str, str], tuple[Any, An
 def cell_interval(
     cell: dict[str, Any] | None, column: str, model_keys: list[str], bootstrap: dict[tuple[str, str], tuple]
 ) -> tuple[Any, Any, str]:
-    """(low, high, source) for one table cell: 'seeds', 'bootstrap' or '' (none)."""
+    """(low, high, source) for one table cell: 'models' (Student t over the row's models: seeds or a fleet's
+    models), 'bootstrap' or '' (none)."""
     if cell is None:
         return None, None, ""
     if cell["n"] > 1:
         low, high = t_interval(cell["mean"], cell["std"], cell["n"])
-        return low, high, "seeds"
+        return low, high, "models"
     if len(model_keys) == 1 and column in INFERENCE_COLUMNS:
         low, high = bootstrap.get((model_keys[0], column), (None, None))
         if low is not None:

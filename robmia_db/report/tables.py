@@ -107,8 +107,10 @@ def paper_tables(data: ReportData, values: dict[str, dict[str, float | None]]) -
                     "key": "|".join(f"{k}={v}" for k, v in key),
                     "defense": first["defense"] or "—",
                     "detail": detail,
-                    "n_seeds": len(members),
-                    "seeds": sorted(m["seed"] for m in members if m["seed"] is not None),
+                    # a configuration's models: its seeds, or a fleet's models (one seed, other member sets)
+                    "n_models": len(members),
+                    "n_seeds": len({m["seed"] for m in members if m["seed"] is not None}),
+                    "seeds": sorted({m["seed"] for m in members if m["seed"] is not None}),
                     "model_keys": [m["model_key"] for m in members],
                     "cells": cells,
                     "sort": model_sort_key(first),
@@ -130,7 +132,7 @@ def paper_tables(data: ReportData, values: dict[str, dict[str, float | None]]) -
                 "n_members": sorted({m["n_members"] for m in models if m["n_members"] is not None}),
                 "n_nonmembers": sorted({m["n_nonmembers"] for m in models if m["n_nonmembers"] is not None}),
                 "adv_eps": [fmt_param(float(e)) for e in adv_eps],
-                "multi_seed": any(row["n_seeds"] > 1 for row in rows),
+                "multi_model": any(row["n_models"] > 1 for row in rows),
             }
         )
     return tables

@@ -105,6 +105,10 @@ MIGRATIONS: list[str] = [
     # predate the invariance contract and the new checks, so their cache key is invalidated: the next `score`
     # redoes them.
     "UPDATE metrics SET inputs_key = 'pre-v8:' || inputs_key;",
+    # 9: no table change; v_configurations counts a configuration's models (n_models: its seeds, or a
+    # fleet's models) beside its distinct seeds (n_seeds, seeds), and its intervals use n_models. Bumping the
+    # version makes older stores refresh their views on the next open, read-only ones included.
+    "SELECT 1;",
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -208,11 +212,12 @@ SELECT e.name AS experiment, e.description, e.spec_path, e.spec_text, e.updated_
        (SELECT count(*) FROM models m WHERE m.experiment = e.name) AS n_models
 FROM experiments e;
 
--- issue 10: each configuration (models that differ only in their seed) over its seeds: mean, sample sd and
--- the 95 % Student t interval of the mean (t quantiles from scipy for df <= 30, the Cornish-Fisher
--- expansion beyond, within 2e-6 of scipy); NULL sd and interval with a single seed.
+-- issue 10: each configuration (models that differ only in their seed, or a fleet's models, which differ in
+-- their member set) over its n_models models: mean, sample sd and the 95 % Student t interval of the mean
+-- (t quantiles from scipy for df <= 30, the Cornish-Fisher expansion beyond, within 2e-6 of scipy); NULL sd
+-- and interval with a single model. n_seeds and seeds are the distinct training seeds among them.
 CREATE OR REPLACE VIEW v_configurations AS
-WITH per_seed AS (
+WITH per_model AS (
     SELECT x.experiment, x.dataset, m.arch, m.width, x.defense, x.eps, x.attack, x.perturbation, x.kind,
            x.perturbation_eps, x.seed, x.balanced_accuracy, x.auc, x.tpr_at_fpr_1e2
     FROM v_metrics x JOIN models m USING (model_key)
@@ -228,36 +233,37 @@ t_table(df, t975) AS (
 ),
 grouped AS (
     SELECT experiment, dataset, arch, width, defense, eps, attack, perturbation, kind, perturbation_eps,
-           count(*) AS n_seeds, list(seed ORDER BY seed) AS seeds,
+           count(*) AS n_models, count(DISTINCT seed) AS n_seeds,
+           coalesce(list(DISTINCT seed ORDER BY seed) FILTER (WHERE seed IS NOT NULL), []::INTEGER[]) AS seeds,
            avg(balanced_accuracy) AS balanced_accuracy_mean, stddev_samp(balanced_accuracy) AS balanced_accuracy_sd,
            avg(auc) AS auc_mean, stddev_samp(auc) AS auc_sd,
            avg(tpr_at_fpr_1e2) AS tpr_at_fpr_1e2_mean, stddev_samp(tpr_at_fpr_1e2) AS tpr_at_fpr_1e2_sd
-    FROM per_seed
+    FROM per_model
     GROUP BY ALL
 ),
 with_t AS (
-    SELECT g.*, CASE WHEN g.n_seeds < 2 THEN NULL
-                     WHEN g.n_seeds - 1 <= 30 THEN t.t975
+    SELECT g.*, CASE WHEN g.n_models < 2 THEN NULL
+                     WHEN g.n_models - 1 <= 30 THEN t.t975
                      ELSE 1.959963984540054
-                          + (1.959963984540054 ^ 3 + 1.959963984540054) / (4 * (g.n_seeds - 1))
+                          + (1.959963984540054 ^ 3 + 1.959963984540054) / (4 * (g.n_models - 1))
                           + (5 * 1.959963984540054 ^ 5 + 16 * 1.959963984540054 ^ 3 + 3 * 1.959963984540054)
-                            / (96 * (g.n_seeds - 1) ^ 2)
+                            / (96 * (g.n_models - 1) ^ 2)
                           + (3 * 1.959963984540054 ^ 7 + 19 * 1.959963984540054 ^ 5
-                             + 17 * 1.959963984540054 ^ 3 - 15 * 1.959963984540054) / (384 * (g.n_seeds - 1) ^ 3)
+                             + 17 * 1.959963984540054 ^ 3 - 15 * 1.959963984540054) / (384 * (g.n_models - 1) ^ 3)
                 END AS __t
-    FROM grouped g LEFT JOIN t_table t ON t.df = g.n_seeds - 1
+    FROM grouped g LEFT JOIN t_table t ON t.df = g.n_models - 1
 )
-SELECT experiment, dataset, arch, width, defense, eps, attack, perturbation, kind, perturbation_eps, n_seeds,
-       seeds,
+SELECT experiment, dataset, arch, width, defense, eps, attack, perturbation, kind, perturbation_eps, n_models,
+       n_seeds, seeds,
        balanced_accuracy_mean, balanced_accuracy_sd,
-       balanced_accuracy_mean - __t * balanced_accuracy_sd / sqrt(n_seeds) AS balanced_accuracy_ci_low,
-       balanced_accuracy_mean + __t * balanced_accuracy_sd / sqrt(n_seeds) AS balanced_accuracy_ci_high,
+       balanced_accuracy_mean - __t * balanced_accuracy_sd / sqrt(n_models) AS balanced_accuracy_ci_low,
+       balanced_accuracy_mean + __t * balanced_accuracy_sd / sqrt(n_models) AS balanced_accuracy_ci_high,
        auc_mean, auc_sd,
-       auc_mean - __t * auc_sd / sqrt(n_seeds) AS auc_ci_low,
-       auc_mean + __t * auc_sd / sqrt(n_seeds) AS auc_ci_high,
+       auc_mean - __t * auc_sd / sqrt(n_models) AS auc_ci_low,
+       auc_mean + __t * auc_sd / sqrt(n_models) AS auc_ci_high,
        tpr_at_fpr_1e2_mean, tpr_at_fpr_1e2_sd,
-       tpr_at_fpr_1e2_mean - __t * tpr_at_fpr_1e2_sd / sqrt(n_seeds) AS tpr_at_fpr_1e2_ci_low,
-       tpr_at_fpr_1e2_mean + __t * tpr_at_fpr_1e2_sd / sqrt(n_seeds) AS tpr_at_fpr_1e2_ci_high
+       tpr_at_fpr_1e2_mean - __t * tpr_at_fpr_1e2_sd / sqrt(n_models) AS tpr_at_fpr_1e2_ci_low,
+       tpr_at_fpr_1e2_mean + __t * tpr_at_fpr_1e2_sd / sqrt(n_models) AS tpr_at_fpr_1e2_ci_high
 FROM with_t;
 """
 
