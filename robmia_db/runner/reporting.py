@@ -1,7 +1,8 @@
 """Runner layer: what a run tells its reporter (the plan, each model's progress and outcome).
 
-The CLI's live display (`progress.py`), the notebook callback and the Ray driver all implement `Reporter`;
-`SilentReporter` is the API's default.
+`Reporter` is implemented by the CLI's live display (`cli/progress.py`), the notebook callback
+(`runner/progress.py`) and the Ray workers' forwarder (`ray_executor._SinkReporter`); `SilentReporter` is the
+API's default.
 """
 
 from __future__ import annotations
