@@ -228,7 +228,9 @@ def _primary_sql() -> str:
 
 def _attack_roc_sql() -> str:
     # One ROC per (dataset, attack, defense, eps, perturbation), pooled over that defense's models (as LiRA
-    # reports a fleet), thinned like the per-model curves.
+    # reports a fleet), thinned like the per-model curves. Thinned before the model counts are joined, and
+    # the models read from `models`, not `v_models` (bench_report's 6 M scores: 4.5 -> 3.0 s; what is left
+    # is the running sum over every distinct score).
     return """
     WITH counts AS (
         SELECT m.dataset, s.attack, coalesce(m.defense, 'unknown') AS defense,
@@ -237,7 +239,7 @@ def _attack_roc_sql() -> str:
                count(*) FILTER (WHERE NOT s.is_member) AS d_fp
         FROM v_scores s
         JOIN __report_models USING (model_key)
-        JOIN v_models m USING (model_key)
+        JOIN models m USING (model_key)
         WHERE s.score IS NOT NULL AND NOT isnan(s.score) AND s.is_member IS NOT NULL
         GROUP BY ALL
     ),
@@ -245,7 +247,7 @@ def _attack_roc_sql() -> str:
         SELECT m.dataset, s.attack, coalesce(m.defense, 'unknown') AS defense,
                coalesce(m.eps, 0.0) AS eps, s.perturbation,
                count(DISTINCT s.model_key) AS n_models
-        FROM v_scores s JOIN __report_models USING (model_key) JOIN v_models m USING (model_key)
+        FROM v_scores s JOIN __report_models USING (model_key) JOIN models m USING (model_key)
         GROUP BY ALL
     ),
     cumulative AS (
@@ -265,12 +267,16 @@ def _attack_roc_sql() -> str:
                END AS bucket
         FROM cumulative
         WHERE fp > 0 AND tp > 0
+    ),
+    thinned AS (
+        SELECT dataset, attack, defense, eps, perturbation, bucket, max(fpr) AS fpr, max(tpr) AS tpr,
+               any_value(n_neg) AS n_neg
+        FROM points
+        GROUP BY ALL
     )
-    SELECT p.dataset, p.attack, p.defense, p.eps, p.perturbation, p.bucket, max(p.fpr) AS fpr,
-           max(p.tpr) AS tpr, any_value(p.n_neg) AS n_neg, any_value(n.n_models) AS n_models
-    FROM points p JOIN n_models n USING (dataset, attack, defense, eps, perturbation)
-    GROUP BY ALL
-    ORDER BY p.dataset, p.attack, p.defense, p.eps, p.perturbation, fpr
+    SELECT t.dataset, t.attack, t.defense, t.eps, t.perturbation, t.bucket, t.fpr, t.tpr, t.n_neg, n.n_models
+    FROM thinned t JOIN n_models n USING (dataset, attack, defense, eps, perturbation)
+    ORDER BY t.dataset, t.attack, t.defense, t.eps, t.perturbation, t.fpr
     """
 
 
