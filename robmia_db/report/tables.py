@@ -132,7 +132,6 @@ def paper_tables(data: ReportData, values: dict[str, dict[str, float | None]]) -
                 "n_members": sorted({m["n_members"] for m in models if m["n_members"] is not None}),
                 "n_nonmembers": sorted({m["n_nonmembers"] for m in models if m["n_nonmembers"] is not None}),
                 "adv_eps": [fmt_param(float(e)) for e in adv_eps],
-                "multi_model": any(row["n_models"] > 1 for row in rows),
             }
         )
     return tables
