@@ -132,10 +132,10 @@ def main() -> None:
 
     cap = parse_size(args.memory_cap)
     rows = []
+    if args.store_dir:
+        Path(args.store_dir).mkdir(parents=True, exist_ok=True)
     for size in args.sizes.split(","):
         n_models, n = (int(x) for x in size.split("x"))
-        if args.store_dir:
-            Path(args.store_dir).mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"fleet{size}-", dir=args.store_dir))
         start = time.perf_counter()
         db = build_store(folder, n_models, n)

@@ -73,6 +73,8 @@ def _pair_weights(
     layer: nn.Module, order: tuple[int, int, int] | None, maps_channels_last: bool = True
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(W, |W|, b) of an affine layer: Linear columns permuted for `order`, Conv2d weights in the maps' layout."""
+    # The layout concerns convolution weights only: a Linear layer keeps one entry for both passes.
+    maps_channels_last = maps_channels_last and isinstance(layer, nn.Conv2d)
 
     def make() -> tuple[Tensor, Tensor, Tensor | None]:
         weight = layer.weight
