@@ -275,6 +275,10 @@ def test_linear_products_without_autograd_match_f_linear_and_fall_back_for_good(
     tracked = bounds_interval._linear(inputs, weight, bias)
     tracked.sum().backward()
     torch.testing.assert_close(weight.grad, inputs.sum(0).expand(40, -1), rtol=1e-5, atol=1e-4)
+    # A frozen weight with a trainable bias: the bias alone carries the graph, and gets its gradient.
+    trainable_bias = bias.clone().requires_grad_(True)
+    bounds_interval._linear(inputs, weight.detach(), trainable_bias).sum().backward()
+    torch.testing.assert_close(trainable_bias.grad, torch.full((40,), 64.0))
 
     def refuses(*args):
         raise RuntimeError("not for this input")

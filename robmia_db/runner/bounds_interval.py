@@ -110,7 +110,10 @@ def _linear(inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         _ONEDNN_LINEAR is not None
         and inputs.dtype == torch.float32
         and inputs.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
+        # any operand tracked (a trainable bias beside a frozen weight too) must keep its gradient
+        and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inputs, weight, bias))
+        )
     ):
         if _ONEDNN_LINEAR is _UNCHECKED:
             _ONEDNN_LINEAR = _checked_onednn_linear()
